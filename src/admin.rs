@@ -1,0 +1,241 @@
+//! The admin listener (CONTRACT §2, §6): `/metrics`, `/healthz`, `/readyz`, and `/admin/*`
+//! actions guarded by `admin.token_file`. Kept off the main listener so that it can be bound to
+//! loopback or a cluster-internal port and never faces clients.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cache::TokenCache;
+use crate::config::AdminToken;
+use crate::metrics::Metrics;
+
+/// What the admin endpoints read and act on.
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub cache: TokenCache,
+    /// `admin.token_file`'s token; `None` leaves `/admin/*` open (bind the admin listener to
+    /// loopback then).
+    pub token: Option<AdminToken>,
+    /// Listeners bound and config loaded.
+    pub ready: AtomicBool,
+    /// Shutdown has begun: `/readyz` answers 503 so that load balancers stop sending traffic.
+    pub draining: AtomicBool,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> AdminResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> AdminResponse {
+    json_response(status, json!({"error_code": code, "error_msg": message}))
+}
+
+impl AdminState {
+    /// Whether the request carries the admin token. Compared as SHA-256 digests so the time
+    /// taken says nothing about how much of a guess was right.
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        let presented = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| {
+                let (scheme, rest) = value.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        match presented {
+            Some(presented) => {
+                Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.0.as_bytes())
+            }
+            None => false,
+        }
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> AdminResponse {
+        let path = request.uri().path();
+        match (request.method(), path) {
+            (&Method::GET, "/metrics") => {
+                let entries = self.cache.entry_count().await;
+                self.metrics
+                    .cache_entries
+                    .set(i64::try_from(entries).unwrap_or(i64::MAX));
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
+            (&Method::GET, "/readyz") => {
+                if self.draining.load(Ordering::Acquire) {
+                    json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "draining"}))
+                } else if self.ready.load(Ordering::Acquire) {
+                    json_response(StatusCode::OK, json!({"status": "ready"}))
+                } else {
+                    json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "starting"}))
+                }
+            }
+            (_, "/metrics" | "/healthz" | "/readyz") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MFAGATE.METHOD_NOT_ALLOWED",
+                "use GET",
+            ),
+            (method, path) if path.starts_with("/admin/") => {
+                if !self.authorized(&request) {
+                    let mut response = error(
+                        StatusCode::UNAUTHORIZED,
+                        "MFAGATE.ADMIN_UNAUTHORIZED",
+                        "the admin API needs Authorization: Bearer <admin token>",
+                    );
+                    response.headers_mut().insert(
+                        WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"mfa-gate-admin\""),
+                    );
+                    return response;
+                }
+                match (method, path) {
+                    (&Method::POST, "/admin/cache/purge") => self.purge(&request).await,
+                    (_, "/admin/cache/purge") => error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "MFAGATE.METHOD_NOT_ALLOWED",
+                        "use POST",
+                    ),
+                    _ => error(StatusCode::NOT_FOUND, "MFAGATE.NOT_FOUND", "no such admin endpoint"),
+                }
+            }
+            _ => error(StatusCode::NOT_FOUND, "MFAGATE.NOT_FOUND", "no such endpoint"),
+        }
+    }
+
+    /// `POST /admin/cache/purge[?user_id=…]`.
+    async fn purge(&self, request: &Request<Incoming>) -> AdminResponse {
+        let mut user_id = None;
+        for pair in request.uri().query().unwrap_or_default().split('&') {
+            match pair.split_once('=') {
+                Some(("user_id", value)) => match percent_decode(value) {
+                    Some(value) if !value.is_empty() => user_id = Some(value),
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "MFAGATE.BAD_REQUEST",
+                            "user_id must be a non-empty, validly encoded value",
+                        )
+                    }
+                },
+                _ if pair.is_empty() => {}
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "MFAGATE.BAD_REQUEST",
+                        "the only query parameter is user_id",
+                    )
+                }
+            }
+        }
+        let purged = match &user_id {
+            Some(user_id) => self.cache.purge_user(user_id).await,
+            None => self.cache.purge_all().await,
+        };
+        tracing::info!(target: "mfa_gate::audit", action = "cache_purge", user_id = user_id.as_deref().unwrap_or("*"), purged, "admin action");
+        json_response(StatusCode::OK, json!({"purged": purged}))
+    }
+}
+
+/// Decodes `%XX` escapes and `+` of a query value; `None` if an escape is broken or the result
+/// is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            other => {
+                out.push(other);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Serves the admin listener until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(state.handle(request).await) }
+            });
+            if let Err(err) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(cause = %err, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_decode() {
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), None);
+    }
+}

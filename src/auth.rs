@@ -1,0 +1,250 @@
+//! Who the caller is and whether they may pass: the auth layer of the stack.
+//!
+//! In request order (CONTRACT §1): request allowlist → token → identity and MFA facts (cache,
+//! then IAM) → identity allowlist → policy. An allowed request leaves with a [`Principal`] in its
+//! extensions, which the proxy requires; a denied one with a [`GatewayError`]. Either way the
+//! decision is left in the request's [`DecisionSlot`] for the edge layer to count and log.
+//!
+//! The decision endpoint (`/.mfa-gate/auth`) runs the same decision on the original request
+//! described by `X-Forwarded-*`/`X-Original-*` headers, and answers it without forwarding.
+
+pub mod token;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+
+use crate::cache::TokenCache;
+use crate::config::{Mode, OnIamError};
+use crate::decision::{Decision, DecisionSlot, Reason};
+use crate::error::GatewayError;
+use crate::iam::TokenStatus;
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy, Subject};
+use crate::proxy::{self, path, Body, Principal, RequestInfo};
+
+use self::token::Token;
+
+/// The decision endpoint for nginx `auth_request`, Traefik ForwardAuth and Envoy `ext_authz`.
+pub const DECISION_PATH: &str = "/.mfa-gate/auth";
+
+/// Everything the auth layer decides with; shared by all requests.
+pub struct Auth {
+    pub policy: Arc<ArcSwap<Policy>>,
+    pub cache: TokenCache,
+    pub metrics: Arc<Metrics>,
+    /// Peers whose `X-Forwarded-*` the decision endpoint believes.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Auth {
+    /// Decides about one request. Leaves the decision in `slot` whatever it is.
+    async fn decide(
+        &self,
+        subject: Subject<'_>,
+        token: Option<&Token>,
+        slot: &DecisionSlot,
+    ) -> Result<Principal, GatewayError> {
+        let policy = self.policy.load();
+        let decided = |allow: bool, reason: Reason, rule: Option<&str>, user: Option<&str>| {
+            slot.set(Decision {
+                allow,
+                reason,
+                rule: rule.map(Arc::from),
+                user_id: user.map(Arc::from),
+            });
+        };
+        let none = HeaderValue::from_static("none");
+
+        if let Some(rule) = policy.match_request(subject) {
+            self.count_rule(&rule.name);
+            decided(true, Reason::Allowlisted, Some(&rule.name), None);
+            return Ok(Principal {
+                user: None,
+                mfa: none,
+            });
+        }
+
+        let token = token.ok_or(GatewayError::NoToken)?;
+        let facts = match self.cache.lookup(token).await {
+            Ok((TokenStatus::Valid(facts), _)) => facts,
+            Ok((TokenStatus::Invalid, _)) => return Err(GatewayError::InvalidToken),
+            Err(err) => {
+                return match policy.on_iam_error() {
+                    OnIamError::Deny => Err(GatewayError::IamUnavailable(err)),
+                    OnIamError::Allow => {
+                        tracing::warn!(cause = %err, "IAM unavailable; letting the request through (policy.on_iam_error = \"allow\")");
+                        decided(true, Reason::IamUnavailable, None, None);
+                        Ok(Principal {
+                            user: None,
+                            mfa: none,
+                        })
+                    }
+                };
+            }
+        };
+        let user_id = facts.identity.user_id.as_str();
+
+        if let Some(rule) = policy.match_identity(subject, &facts.identity) {
+            self.count_rule(&rule.name);
+            decided(true, Reason::Allowlisted, Some(&rule.name), Some(user_id));
+            return Ok(Principal {
+                user: Some(facts.clone()),
+                mfa: none,
+            });
+        }
+
+        let evaluation = policy.evaluate(&facts);
+        if evaluation.satisfied {
+            decided(true, Reason::MfaVerified, None, Some(user_id));
+            return Ok(Principal {
+                user: Some(facts.clone()),
+                mfa: evaluation.factors,
+            });
+        }
+        match policy.mode() {
+            Mode::ReportOnly => {
+                decided(true, Reason::ReportOnly, None, Some(user_id));
+                Ok(Principal {
+                    user: Some(facts.clone()),
+                    mfa: none,
+                })
+            }
+            Mode::Enforce => {
+                decided(false, Reason::NoMfa, None, Some(user_id));
+                Err(GatewayError::NoMfa)
+            }
+        }
+    }
+
+    fn count_rule(&self, name: &str) {
+        self.metrics
+            .allowlist_matches
+            .with_label_values(&[name])
+            .inc();
+    }
+}
+
+/// The original request a proxy asks the decision endpoint about (CONTRACT §4 "Decision
+/// endpoint"): believed only from trusted peers, else judged as `GET /`.
+fn original_request(
+    headers: &HeaderMap,
+    peer: IpAddr,
+    trusted: &[IpNet],
+) -> Result<(Method, String), GatewayError> {
+    if !policy::is_trusted(peer, trusted) {
+        return Ok((Method::GET, "/".to_string()));
+    }
+    let first = |names: [&str; 2]| names.iter().find_map(|name| headers.get(*name));
+    let method = match first(["x-forwarded-method", "x-original-method"]) {
+        Some(value) => Method::from_bytes(value.as_bytes())
+            .map_err(|_| GatewayError::bad_request("X-Forwarded-Method is not a method"))?,
+        None => Method::GET,
+    };
+    let uri = match first(["x-forwarded-uri", "x-original-uri"]) {
+        Some(value) => value
+            .to_str()
+            .map_err(|_| GatewayError::bad_request("X-Forwarded-Uri is not visible ASCII"))?,
+        None => "/",
+    };
+    let raw_path = uri.split(['?', '#']).next().unwrap_or_default();
+    let path = path::normalize(raw_path)
+        .map_err(|err| GatewayError::bad_request(format!("original URI: {err}")))?;
+    Ok((method, path.into_owned()))
+}
+
+/// The tower layer that puts [`Auth`] in front of a service.
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Auth>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Auth>) -> Self {
+        AuthLayer { auth }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            auth: self.auth.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    auth: Arc<Auth>,
+    inner: S,
+}
+
+impl<S> tower::Service<Request<Incoming>> for AuthService<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let auth = self.auth.clone();
+        // The service that was polled ready is the one called (tower's clone-and-swap idiom).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let info = request
+                .extensions()
+                .get::<RequestInfo>()
+                .cloned()
+                .ok_or(GatewayError::Internal("request reached auth without request info"))?;
+            let slot = request
+                .extensions()
+                .get::<DecisionSlot>()
+                .cloned()
+                .unwrap_or_default();
+
+            if &*info.path == DECISION_PATH {
+                let (method, path) =
+                    original_request(request.headers(), info.peer.ip(), &auth.trusted_proxies)?;
+                let subject = Subject {
+                    method: &method,
+                    path: &path,
+                    peer: info.peer.ip(),
+                };
+                let principal = auth.decide(subject, info.token.as_ref(), &slot).await?;
+                let mut response = Response::new(proxy::full_body(""));
+                *response.status_mut() = StatusCode::OK;
+                proxy::write_identity(response.headers_mut(), &principal);
+                return Ok(response);
+            }
+
+            let subject = Subject {
+                method: request.method(),
+                path: &info.path,
+                peer: info.peer.ip(),
+            };
+            let principal = auth.decide(subject, info.token.as_ref(), &slot).await?;
+            request.extensions_mut().insert(principal);
+            inner.call(request).await
+        })
+    }
+}

@@ -1,0 +1,295 @@
+//! The per-token cache: what the IAM said about a token, kept for a while so that the common
+//! request costs no IAM round trip.
+//!
+//! - Keys are an HMAC-SHA256 of the token under a random per-process key: a heap dump or a debug
+//!   print of the cache never yields a usable token, and nobody can precompute keys.
+//! - Lifetimes: `cache.ttl` for users the policy lets through, `cache.negative_ttl` for users it
+//!   blocks and for invalid tokens (so a user who just bound an MFA device waits seconds, not
+//!   minutes), never beyond the token's own `expires_at`.
+//! - Concurrent misses for one token share one IAM fetch. The fetch runs in its own task, so a
+//!   client that hangs up does not cancel the lookup others are waiting on.
+//! - IAM errors are never cached. While the IAM fails, an expired entry may still answer for
+//!   `cache.stale_if_error` (an allow as well as a deny), never past the token's expiry.
+//! - Invalid tokens live in a separate, smaller cache: a flood of bogus tokens cannot evict the
+//!   entries of real users.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use hmac::{Hmac, Mac};
+use moka::future::Cache;
+use moka::Expiry;
+use rand::RngCore;
+use sha2::Sha256;
+
+use crate::auth::token::Token;
+use crate::config::CacheConfig;
+use crate::iam::{IamError, IamProvider, TokenStatus};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+
+/// HMAC-SHA256 of a token.
+type Key = [u8; 32];
+
+/// An in-flight IAM fetch that any number of requests can await.
+type Fetch = Shared<BoxFuture<'static, Result<Arc<Entry>, Arc<IamError>>>>;
+
+/// What the IAM said about a token, and until when that may be used.
+#[derive(Debug)]
+struct Entry {
+    status: TokenStatus,
+    /// Served as a hit until then.
+    fresh_until: Instant,
+    /// Kept until then, served only while the IAM is failing.
+    stale_until: Instant,
+}
+
+/// moka evicts an entry once even its stale window is over.
+struct UntilStale;
+
+impl Expiry<Key, Arc<Entry>> for UntilStale {
+    fn expire_after_create(&self, _: &Key, entry: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some(entry.stale_until.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        entry: &Arc<Entry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.stale_until.saturating_duration_since(now))
+    }
+}
+
+/// How a lookup was answered, for `mfa_gate_cache_lookups_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    /// An expired entry served because the IAM failed.
+    Stale,
+}
+
+impl CacheResult {
+    fn label(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+        }
+    }
+}
+
+struct Inner {
+    /// Valid tokens (with or without MFA).
+    valid: Cache<Key, Arc<Entry>>,
+    /// Tokens the IAM called invalid.
+    invalid: Cache<Key, Arc<Entry>>,
+    inflight: Mutex<HashMap<Key, Fetch>>,
+    /// The keyed HMAC state, cloned per token (the key schedule is computed once).
+    mac: Hmac<Sha256>,
+    provider: Arc<dyn IamProvider>,
+    policy: Arc<ArcSwap<Policy>>,
+    config: CacheConfig,
+    metrics: Arc<Metrics>,
+}
+
+/// The token cache in front of an IAM provider. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenCache(Arc<Inner>);
+
+impl TokenCache {
+    pub fn new(
+        provider: Arc<dyn IamProvider>,
+        policy: Arc<ArcSwap<Policy>>,
+        config: CacheConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let mac = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key length");
+        let invalid_capacity = (config.max_entries / 4).clamp(1, 100_000);
+        TokenCache(Arc::new(Inner {
+            valid: Cache::builder()
+                .max_capacity(config.max_entries)
+                .expire_after(UntilStale)
+                .build(),
+            invalid: Cache::builder()
+                .max_capacity(invalid_capacity)
+                .expire_after(UntilStale)
+                .build(),
+            inflight: Mutex::new(HashMap::new()),
+            mac,
+            provider,
+            policy,
+            config,
+            metrics,
+        }))
+    }
+
+    fn key(&self, token: &Token) -> Key {
+        self.0
+            .mac
+            .clone()
+            .chain_update(token.expose().as_bytes())
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// What is known about `token`: from the cache, or fetched from the IAM.
+    pub async fn lookup(&self, token: &Token) -> Result<(TokenStatus, CacheResult), Arc<IamError>> {
+        let key = self.key(token);
+        let cached = match self.0.valid.get(&key).await {
+            Some(entry) => Some(entry),
+            None => self.0.invalid.get(&key).await,
+        };
+        if let Some(entry) = &cached {
+            if Instant::now() < entry.fresh_until {
+                return Ok(self.counted(entry.status.clone(), CacheResult::Hit));
+            }
+        }
+        match self.fetch(key, token).await {
+            Ok(entry) => Ok(self.counted(entry.status.clone(), CacheResult::Miss)),
+            Err(err) => match cached {
+                Some(entry) if Instant::now() < entry.stale_until => {
+                    tracing::warn!(cause = %err, "IAM failing; serving a stale cache entry");
+                    Ok(self.counted(entry.status.clone(), CacheResult::Stale))
+                }
+                _ => {
+                    self.count(CacheResult::Miss);
+                    Err(err)
+                }
+            },
+        }
+    }
+
+    fn counted(&self, status: TokenStatus, result: CacheResult) -> (TokenStatus, CacheResult) {
+        self.count(result);
+        (status, result)
+    }
+
+    fn count(&self, result: CacheResult) {
+        self.0
+            .metrics
+            .cache_lookups
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// Joins the fetch in flight for `key`, or starts one in its own task.
+    fn fetch(&self, key: Key, token: &Token) -> Fetch {
+        let mut inflight = self.0.inflight.lock().expect("inflight lock poisoned");
+        if let Some(fetch) = inflight.get(&key) {
+            return fetch.clone();
+        }
+        let inner = self.0.clone();
+        let token = token.clone();
+        let task = tokio::spawn(async move {
+            let policy = inner.policy.load_full();
+            let result = match inner.provider.lookup(&token, policy.needs()).await {
+                Ok(status) => {
+                    let entry = Arc::new(inner.entry_for(status, &policy));
+                    let cache = match entry.status {
+                        TokenStatus::Valid(_) => &inner.valid,
+                        TokenStatus::Invalid => &inner.invalid,
+                    };
+                    cache.insert(key, entry.clone()).await;
+                    Ok(entry)
+                }
+                Err(err) => Err(Arc::new(err)),
+            };
+            inner
+                .inflight
+                .lock()
+                .expect("inflight lock poisoned")
+                .remove(&key);
+            result
+        });
+        let fetch = async move {
+            task.await.unwrap_or_else(|err| {
+                Err(Arc::new(IamError::Transport {
+                    api: "lookup",
+                    detail: format!("lookup task failed: {err}"),
+                }))
+            })
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, fetch.clone());
+        fetch
+    }
+
+    /// Drops every entry; answers how many there were.
+    pub async fn purge_all(&self) -> u64 {
+        let count = (self.0.valid.iter().count() + self.0.invalid.iter().count()) as u64;
+        self.0.valid.invalidate_all();
+        self.0.invalid.invalidate_all();
+        self.0.valid.run_pending_tasks().await;
+        self.0.invalid.run_pending_tasks().await;
+        count
+    }
+
+    /// Drops every entry of one user; answers how many there were.
+    pub async fn purge_user(&self, user_id: &str) -> u64 {
+        let keys: Vec<Arc<Key>> = self
+            .0
+            .valid
+            .iter()
+            .filter(|(_, entry)| match &entry.status {
+                TokenStatus::Valid(facts) => facts.identity.user_id == user_id,
+                TokenStatus::Invalid => false,
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in &keys {
+            self.0.valid.invalidate(key.as_ref()).await;
+        }
+        keys.len() as u64
+    }
+
+    /// Entries held right now (after pending evictions are applied).
+    pub async fn entry_count(&self) -> u64 {
+        self.0.valid.run_pending_tasks().await;
+        self.0.invalid.run_pending_tasks().await;
+        self.0.valid.entry_count() + self.0.invalid.entry_count()
+    }
+}
+
+impl Inner {
+    /// Lifetimes of a fresh IAM answer.
+    fn entry_for(&self, status: TokenStatus, policy: &Policy) -> Entry {
+        let now = Instant::now();
+        let (status, ttl, limit) = match status {
+            TokenStatus::Valid(facts) => {
+                let remaining = facts
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                if remaining.is_zero() {
+                    // Valid by the IAM's word but already expired by ours: never let it in.
+                    (TokenStatus::Invalid, self.config.negative_ttl, None)
+                } else {
+                    let ttl = if policy.evaluate(&facts).satisfied {
+                        self.config.ttl
+                    } else {
+                        self.config.negative_ttl
+                    };
+                    (TokenStatus::Valid(facts), ttl, Some(remaining))
+                }
+            }
+            TokenStatus::Invalid => (TokenStatus::Invalid, self.config.negative_ttl, None),
+        };
+        let bounded = |d: Duration| limit.map_or(d, |limit| d.min(limit));
+        Entry {
+            status,
+            fresh_until: now + bounded(ttl),
+            stale_until: now + bounded(ttl + self.config.stale_if_error),
+        }
+    }
+}

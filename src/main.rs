@@ -1,0 +1,159 @@
+//! The `mfa-gate` binary: command line, logging, signals, exit codes. Everything else lives in
+//! the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mfa_gate::app::Gateway;
+use mfa_gate::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for a bad config or command line (BSD `EX_USAGE`/`EX_CONFIG` family).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when the gateway cannot start or fails while running.
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "mfa-gate", version, about = "Authenticating reverse proxy: no MFA, no access")]
+struct Cli {
+    /// Log filter, RUST_LOG style (e.g. "info", "mfa_gate=debug,hyper=warn").
+    #[arg(long, global = true, env = "MFA_GATE_LOG", default_value = "info")]
+    log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve: forward requests of users with MFA to the upstream.
+    Run {
+        /// The config file.
+        #[arg(long, env = "MFA_GATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print the effective settings; binds and contacts nothing.
+    Check {
+        /// The config file.
+        #[arg(long, env = "MFA_GATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Everything on loopback: an IAM simulator with demo users, a demo upstream and the
+    /// gateway, with ready-to-paste curl commands.
+    Dev {
+        /// Where the gateway listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Where the admin listener listens.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: std::net::SocketAddr,
+    },
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
+    let filter = EnvFilter::try_new(filter).map_err(|err| format!("--log-level {filter:?}: {err}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+    Ok(())
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|err| {
+        eprintln!("mfa-gate: config error: {err}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Check { config: path } = &cli.command {
+        return match load(path) {
+            Ok(config) => {
+                match toml::to_string(&config.effective) {
+                    Ok(text) => println!("# effective settings of {}\n{text}", path.display()),
+                    Err(err) => eprintln!("mfa-gate: cannot print the effective settings: {err}"),
+                }
+                eprintln!("mfa-gate: config OK");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
+    if let Err(err) = init_logging(&cli.log_level, cli.log_format) {
+        eprintln!("mfa-gate: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("mfa-gate: cannot start the runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => {
+                let path = config;
+                let config = match load(&path) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+                run(config).await
+            }
+            Command::Dev { listen, admin_listen } => match mfa_gate::dev::start(listen, admin_listen).await {
+                Ok(dev) => {
+                    println!("{}", dev.banner());
+                    wait_for_signal().await;
+                    dev.shutdown().await;
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("mfa-gate: {err:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
+            Command::Check { .. } => unreachable!("handled before the runtime starts"),
+        }
+    })
+}
+
+async fn run(config: Config) -> ExitCode {
+    let gateway = match Gateway::start(config).await {
+        Ok(gateway) => gateway,
+        Err(err) => {
+            eprintln!("mfa-gate: {err:#}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received; draining");
+    gateway.shutdown();
+    gateway.wait().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,256 @@
+//! The Prometheus registry of CONTRACT §6, owned (no global macros) and shared by every module.
+//!
+//! Every family is registered at start-up and every known label value is touched once, so that a
+//! dashboard shows `0` rather than "no data" before the first event of a kind.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Decision label values.
+pub const DECISIONS: [&str; 2] = ["allow", "deny"];
+
+/// Reason label values of `mfa_gate_decisions_total`.
+pub const REASONS: [&str; 8] = [
+    "mfa_verified",
+    "allowlisted",
+    "report_only",
+    "iam_unavailable",
+    "no_token",
+    "invalid_token",
+    "no_mfa",
+    "bad_request",
+];
+
+/// `api` label values of the IAM metrics.
+pub const IAM_APIS: [&str; 7] = [
+    "verify_token",
+    "mfa_device",
+    "login_protect",
+    "cloudsso_mfa_settings",
+    "jwks",
+    "v5_list_mfa_devices",
+    "v5_disable_mfa_device",
+];
+
+/// `outcome` label values of `mfa_gate_iam_requests_total`.
+pub const IAM_OUTCOMES: [&str; 9] = [
+    "ok",
+    "not_found",
+    "unauthorized",
+    "forbidden",
+    "throttled",
+    "server_error",
+    "timeout",
+    "transport_error",
+    "bad_response",
+];
+
+/// `class` label values of `mfa_gate_upstream_responses_total`.
+pub const UPSTREAM_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
+
+/// Buckets for the whole request as the gateway sees it: the cached check path is tens of
+/// microseconds, a cold IAM lookup tens to hundreds of milliseconds, an upstream up to seconds.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for one IAM call: a round trip to a cloud endpoint is milliseconds to seconds, and
+/// `iam.timeout` (default 3 s) caps it.
+const IAM_BUCKETS: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for the upstream's time to response headers: sub-millisecond on a sidecar's loopback
+/// up to `upstream.timeout` (default 60 s).
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0,
+];
+
+/// All metric families of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: IntCounterVec,
+    pub allowlist_matches: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub iam_requests: IntCounterVec,
+    pub iam_request_duration: HistogramVec,
+    pub cache_lookups: IntCounterVec,
+    pub cache_entries: IntGauge,
+    pub upstream_responses: IntCounterVec,
+    pub upstream_duration: Histogram,
+    pub inflight_requests: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Builds and registers every family, with known label values initialised at 0.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let decisions = IntCounterVec::new(
+            Opts::new("mfa_gate_decisions_total", "Gateway decisions by outcome and reason."),
+            &["decision", "reason"],
+        )
+        .expect("valid metric");
+        let allowlist_matches = IntCounterVec::new(
+            Opts::new(
+                "mfa_gate_allowlist_matches_total",
+                "Requests let through by an [[allow]] rule, by rule name.",
+            ),
+            &["rule"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mfa_gate_request_duration_seconds",
+                "Time from request head received to response head sent, by decision.",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
+            &["decision"],
+        )
+        .expect("valid metric");
+        let iam_requests = IntCounterVec::new(
+            Opts::new("mfa_gate_iam_requests_total", "Calls to the IAM provider by api and outcome."),
+            &["api", "outcome"],
+        )
+        .expect("valid metric");
+        let iam_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mfa_gate_iam_request_duration_seconds",
+                "Duration of one IAM call, by api.",
+            )
+            .buckets(IAM_BUCKETS.to_vec()),
+            &["api"],
+        )
+        .expect("valid metric");
+        let cache_lookups = IntCounterVec::new(
+            Opts::new("mfa_gate_cache_lookups_total", "Token cache lookups by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let cache_entries =
+            IntGauge::new("mfa_gate_cache_entries", "Entries in the token cache.").expect("valid");
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "mfa_gate_upstream_responses_total",
+                "Upstream answers by status class, or error/timeout when none came.",
+            ),
+            &["class"],
+        )
+        .expect("valid metric");
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "mfa_gate_upstream_duration_seconds",
+                "Time from forwarding a request to the upstream's response head.",
+            )
+            .buckets(UPSTREAM_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let inflight_requests =
+            IntGauge::new("mfa_gate_inflight_requests", "Requests being handled right now.")
+                .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new("mfa_gate_config_reloads_total", "Config reloads by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("mfa_gate_build_info", "Always 1; the version is in the label."),
+            &["version"],
+        )
+        .expect("valid metric");
+
+        for collector in [
+            Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(allowlist_matches.clone()),
+            Box::new(request_duration.clone()),
+            Box::new(iam_requests.clone()),
+            Box::new(iam_request_duration.clone()),
+            Box::new(cache_lookups.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(upstream_responses.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(inflight_requests.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(build_info.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+
+        for decision in DECISIONS {
+            request_duration.with_label_values(&[decision]);
+            for reason in REASONS {
+                decisions.with_label_values(&[decision, reason]);
+            }
+        }
+        for api in IAM_APIS {
+            iam_request_duration.with_label_values(&[api]);
+            for outcome in IAM_OUTCOMES {
+                iam_requests.with_label_values(&[api, outcome]);
+            }
+        }
+        for result in ["hit", "miss", "stale"] {
+            cache_lookups.with_label_values(&[result]);
+        }
+        for class in UPSTREAM_CLASSES {
+            upstream_responses.with_label_values(&[class]);
+        }
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Metrics {
+            registry,
+            decisions,
+            allowlist_matches,
+            request_duration,
+            iam_requests,
+            iam_request_duration,
+            cache_lookups,
+            cache_entries,
+            upstream_responses,
+            upstream_duration,
+            inflight_requests,
+            config_reloads,
+            build_info,
+        }
+    }
+
+    /// Counts one IAM call and its duration.
+    pub fn observe_iam(&self, api: &str, outcome: &str, seconds: f64) {
+        self.iam_requests.with_label_values(&[api, outcome]).inc();
+        self.iam_request_duration
+            .with_label_values(&[api])
+            .observe(seconds);
+    }
+
+    /// Initialises the match counter of each allow rule at 0, so a rule that never matched is
+    /// visible as such.
+    pub fn touch_allow_rules<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            self.allowlist_matches.with_label_values(&[name]);
+        }
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,312 @@
+//! Whether a caller may pass: the compiled allowlist and the MFA requirement, as pure functions
+//! of what is already known (no I/O here).
+
+use std::net::IpAddr;
+
+use http::{HeaderValue, Method};
+
+use crate::config::{AllowRule, Mode, OnIamError, PathPattern, PolicyConfig, Require};
+use crate::iam::{Identity, Needs, UserFacts};
+
+/// The request as the allowlist sees it: the normalised path (never the query), the method and
+/// the socket peer.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub peer: IpAddr,
+}
+
+/// The outcome of checking a user's MFA facts against `policy.require`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    pub satisfied: bool,
+    /// The factors found that the policy counts: the `X-Auth-Mfa` value (`none` if none).
+    pub factors: HeaderValue,
+}
+
+/// The compiled policy of one config generation.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    config: PolicyConfig,
+    rules: Vec<AllowRule>,
+}
+
+impl Policy {
+    pub fn new(config: PolicyConfig, rules: Vec<AllowRule>) -> Self {
+        Policy { config, rules }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
+    pub fn on_iam_error(&self) -> OnIamError {
+        self.config.on_iam_error
+    }
+
+    pub fn rules(&self) -> &[AllowRule] {
+        &self.rules
+    }
+
+    /// Which IAM lookups `policy.require` can use.
+    pub fn needs(&self) -> Needs {
+        Needs {
+            mfa_device: matches!(
+                self.config.require,
+                Require::MfaDevice | Require::Any | Require::All
+            ),
+            login_protect: matches!(
+                self.config.require,
+                Require::LoginProtect | Require::Any | Require::All
+            ),
+        }
+    }
+
+    /// The first request rule (no identity matcher) that matches, in config order.
+    pub fn match_request(&self, subject: Subject<'_>) -> Option<&AllowRule> {
+        self.rules
+            .iter()
+            .filter(|rule| !rule.is_identity_rule())
+            .find(|rule| request_matchers_match(rule, subject))
+    }
+
+    /// The first identity rule whose matchers all match this request and identity.
+    pub fn match_identity(&self, subject: Subject<'_>, identity: &Identity) -> Option<&AllowRule> {
+        self.rules.iter().filter(|rule| rule.is_identity_rule()).find(|rule| {
+            request_matchers_match(rule, subject) && identity_matchers_match(rule, identity)
+        })
+    }
+
+    /// Checks the user's MFA facts against `policy.require` (and `require_totp_login`).
+    pub fn evaluate(&self, facts: &UserFacts) -> Evaluation {
+        let device = facts.mfa_device == Some(true);
+        let login_protect = match &facts.login_protect {
+            Some(Some(lp)) if lp.enabled && self.config.login_protect_methods.contains(&lp.method) => {
+                Some(lp.method.as_str())
+            }
+            _ => None,
+        };
+        let (count_device, count_login_protect) = match self.config.require {
+            Require::MfaDevice => (true, false),
+            Require::LoginProtect => (false, true),
+            Require::Any | Require::All => (true, true),
+        };
+        let mut factors = Vec::with_capacity(2);
+        if count_device && device {
+            factors.push("mfa_device".to_string());
+        }
+        if let (true, Some(method)) = (count_login_protect, login_protect) {
+            factors.push(format!("login_protect:{method}"));
+        }
+        let factor_ok = match self.config.require {
+            Require::MfaDevice => device,
+            Require::LoginProtect => login_protect.is_some(),
+            Require::Any => device || login_protect.is_some(),
+            Require::All => device && login_protect.is_some(),
+        };
+        let satisfied = factor_ok && (!self.config.require_totp_login || facts.totp_login);
+        let factors = if factors.is_empty() {
+            HeaderValue::from_static("none")
+        } else {
+            // Factor names and lowercased IAM methods checked against the config's list.
+            HeaderValue::from_str(&factors.join(",")).unwrap_or(HeaderValue::from_static("none"))
+        };
+        Evaluation { satisfied, factors }
+    }
+}
+
+fn request_matchers_match(rule: &AllowRule, subject: Subject<'_>) -> bool {
+    let path_ok = rule
+        .paths
+        .as_ref()
+        .is_none_or(|paths| paths.iter().any(|p| path_matches(p, subject.path)));
+    let method_ok = rule
+        .methods
+        .as_ref()
+        .is_none_or(|methods| methods.contains(subject.method));
+    let cidr_ok = rule
+        .cidrs
+        .as_ref()
+        .is_none_or(|cidrs| cidrs.iter().any(|net| net.contains(&canonical_ip(subject.peer))));
+    path_ok && method_ok && cidr_ok
+}
+
+fn identity_matchers_match(rule: &AllowRule, identity: &Identity) -> bool {
+    let in_list = |list: &Option<Vec<String>>, value: &str| {
+        list.as_ref().is_none_or(|list| list.iter().any(|v| v == value))
+    };
+    in_list(&rule.user_ids, &identity.user_id)
+        && in_list(&rule.user_names, &identity.user_name)
+        && in_list(&rule.domain_ids, &identity.domain_id)
+}
+
+/// An IPv4 peer on a dual-stack socket arrives as `::ffff:a.b.c.d`; IPv4 CIDRs must still match.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// `Exact` matches that path only; `Subtree(prefix)` matches `prefix` itself and everything
+/// below `prefix/`, never `prefixed` (CONTRACT §4).
+pub fn path_matches(pattern: &PathPattern, path: &str) -> bool {
+    match pattern {
+        PathPattern::Exact(exact) => path == exact,
+        PathPattern::Subtree(prefix) => {
+            prefix.is_empty()
+                || (path.starts_with(prefix.as_str())
+                    && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+        }
+    }
+}
+
+/// Whether a peer is one of `server.trusted_proxies`.
+pub fn is_trusted(peer: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
+    let peer = canonical_ip(peer);
+    trusted.iter().any(|net| net.contains(&peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ProviderKind};
+    use crate::iam::LoginProtect;
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    fn policy(extra: &str) -> Policy {
+        let text = format!(
+            "[upstream]\nurl = \"http://127.0.0.1:3000\"\n[iam]\nendpoint = \"https://iam.example.com\"\n{extra}"
+        );
+        let config = Config::from_toml(&text, Path::new("test.toml")).unwrap();
+        assert_eq!(config.iam.provider, ProviderKind::Huawei);
+        Policy::new(config.policy, config.allow)
+    }
+
+    fn facts(device: bool, lp: Option<(bool, &str)>, totp: bool) -> UserFacts {
+        UserFacts {
+            identity: Identity {
+                user_id: "u1".into(),
+                user_name: "alice".into(),
+                domain_id: "d1".into(),
+                domain_name: "dom".into(),
+            },
+            expires_at: SystemTime::now(),
+            totp_login: totp,
+            mfa_device: Some(device),
+            login_protect: Some(lp.map(|(enabled, method)| LoginProtect {
+                enabled,
+                method: method.into(),
+            })),
+        }
+    }
+
+    fn subject<'a>(method: &'a Method, path: &'a str) -> Subject<'a> {
+        Subject {
+            method,
+            path,
+            peer: "10.20.1.2".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn subtree_patterns_match_the_prefix_and_below_only() {
+        let pattern = PathPattern::Subtree("/static".into());
+        assert!(path_matches(&pattern, "/static"));
+        assert!(path_matches(&pattern, "/static/"));
+        assert!(path_matches(&pattern, "/static/a/b"));
+        assert!(!path_matches(&pattern, "/staticx"));
+        assert!(!path_matches(&pattern, "/Static/a"));
+        assert!(path_matches(&PathPattern::Subtree(String::new()), "/anything"));
+        let exact = PathPattern::Exact("/status".into());
+        assert!(path_matches(&exact, "/status"));
+        assert!(!path_matches(&exact, "/status/"));
+    }
+
+    #[test]
+    fn request_rules_need_every_matcher() {
+        let p = policy(
+            "[[allow]]\nname = \"probes\"\ncidrs = [\"10.20.0.0/16\"]\npaths = [\"/status\"]\nmethods = [\"GET\"]\n",
+        );
+        let get = Method::GET;
+        let post = Method::POST;
+        assert_eq!(p.match_request(subject(&get, "/status")).unwrap().name, "probes");
+        assert!(p.match_request(subject(&post, "/status")).is_none());
+        assert!(p.match_request(subject(&get, "/status/")).is_none());
+        let mut outside = subject(&get, "/status");
+        outside.peer = "10.21.0.1".parse().unwrap();
+        assert!(p.match_request(outside).is_none());
+        let mut mapped = subject(&get, "/status");
+        mapped.peer = "::ffff:10.20.3.4".parse().unwrap();
+        assert!(p.match_request(mapped).is_some());
+    }
+
+    #[test]
+    fn identity_rules_are_not_request_rules() {
+        let p = policy("[[allow]]\nname = \"bg\"\nuser_ids = [\"u1\"]\n");
+        let get = Method::GET;
+        assert!(p.match_request(subject(&get, "/")).is_none());
+        let who = facts(false, None, false).identity;
+        assert_eq!(p.match_identity(subject(&get, "/"), &who).unwrap().name, "bg");
+        let other = Identity {
+            user_id: "u2".into(),
+            ..who
+        };
+        assert!(p.match_identity(subject(&get, "/"), &other).is_none());
+    }
+
+    #[test]
+    fn each_require_value_counts_its_factors() {
+        let device_only = facts(true, None, false);
+        let vmfa_only = facts(false, Some((true, "vmfa")), false);
+        let sms_only = facts(false, Some((true, "sms")), false);
+        let both = facts(true, Some((true, "vmfa")), false);
+        let disabled = facts(false, Some((false, "vmfa")), false);
+
+        let p = policy("");
+        assert!(p.evaluate(&device_only).satisfied);
+        assert_eq!(p.evaluate(&device_only).factors, "mfa_device");
+        assert!(!p.evaluate(&vmfa_only).satisfied);
+        assert_eq!(p.evaluate(&vmfa_only).factors, "none");
+
+        let p = policy("[policy]\nrequire = \"login_protect\"\n");
+        assert!(p.evaluate(&vmfa_only).satisfied);
+        assert_eq!(p.evaluate(&vmfa_only).factors, "login_protect:vmfa");
+        assert!(!p.evaluate(&sms_only).satisfied);
+        assert!(!p.evaluate(&disabled).satisfied);
+        assert!(!p.evaluate(&device_only).satisfied);
+
+        let p = policy("[policy]\nrequire = \"login_protect\"\nlogin_protect_methods = [\"vmfa\", \"SMS\"]\n");
+        assert_eq!(p.evaluate(&sms_only).factors, "login_protect:sms");
+
+        let p = policy("[policy]\nrequire = \"any\"\n");
+        assert!(p.evaluate(&device_only).satisfied);
+        assert!(p.evaluate(&vmfa_only).satisfied);
+        assert!(!p.evaluate(&sms_only).satisfied);
+        assert_eq!(p.evaluate(&both).factors, "mfa_device,login_protect:vmfa");
+
+        let p = policy("[policy]\nrequire = \"all\"\n");
+        assert!(p.evaluate(&both).satisfied);
+        assert!(!p.evaluate(&device_only).satisfied);
+        assert!(!p.evaluate(&vmfa_only).satisfied);
+    }
+
+    #[test]
+    fn totp_login_is_required_on_top_when_configured() {
+        let p = policy("[policy]\nrequire_totp_login = true\n");
+        assert!(!p.evaluate(&facts(true, None, false)).satisfied);
+        assert!(p.evaluate(&facts(true, None, true)).satisfied);
+    }
+
+    #[test]
+    fn needs_follow_require() {
+        let needs = policy("").needs();
+        assert!(needs.mfa_device && !needs.login_protect);
+        let needs = policy("[policy]\nrequire = \"login_protect\"\n").needs();
+        assert!(!needs.mfa_device && needs.login_protect);
+        let needs = policy("[policy]\nrequire = \"all\"\n").needs();
+        assert!(needs.mfa_device && needs.login_protect);
+    }
+}

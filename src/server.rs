@@ -1,0 +1,137 @@
+//! The main listener: accept loop, HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS) through
+//! hyper-util's auto builder, connection limits, graceful drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use crate::stack::edge::ConnInfo;
+use crate::stack::GatewayService;
+
+/// hyper refuses a read buffer under 8 KiB.
+const MIN_BUF_SIZE: usize = 8192;
+
+/// Connection-level settings of the main listener.
+#[derive(Clone)]
+pub struct ServeSettings {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+    /// Present when the listener speaks HTTPS; swapped in place when the files change.
+    pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+}
+
+fn builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Slowloris: a client dribbling its headers is cut off.
+        .header_read_timeout(settings.header_read_timeout)
+        // Leaves room for the guard to measure the block and answer 431 with a JSON body;
+        // blocks beyond this buffer get hyper's own bare 431.
+        .max_buf_size((settings.max_header_bytes + 16 * 1024).max(MIN_BUF_SIZE))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Serves `listener` until `shutdown` turns true, then stops accepting and lets open
+/// connections finish for up to `shutdown_grace`.
+pub async fn serve(
+    listener: TcpListener,
+    service: GatewayService,
+    settings: ServeSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let builder = builder(&settings);
+    let graceful = GracefulShutdown::new();
+    let proto = if settings.tls.is_some() { "https" } else { "http" };
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(cause = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::server::stopped(&mut shutdown) => break,
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
+        }
+        let conn_info = ConnInfo { peer, proto };
+        let svc = service.clone();
+        let hyper_service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(conn_info);
+            svc.clone().oneshot(request)
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        match &settings.tls {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                    .into_owned();
+                let conn = watcher.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(err) = conn.await {
+                        tracing::debug!(cause = %err, "connection ended with an error");
+                    }
+                });
+            }
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+                let handshake_timeout = settings.header_read_timeout;
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(cause = %err, client = %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(conn).await {
+                        tracing::debug!(cause = %err, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(open_connections = open, grace = ?settings.shutdown_grace, "draining");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(settings.shutdown_grace) => {
+            tracing::warn!("shutdown grace period over; closing the remaining connections");
+        }
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; drop it here rather than across an await.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}

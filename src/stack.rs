@@ -1,0 +1,45 @@
+//! The request pipeline of the main listener, as one tower stack, outermost first:
+//!
+//! 1. [`edge`]: request id, in-flight gauge, timing; turns every [`GatewayError`] into its JSON
+//!    answer (the only place that does); counts the decision and writes the access log line.
+//! 2. [`guard`]: refuses malformed and ambiguous requests (CONTRACT §4), normalises the path,
+//!    reads the token; leaves the [`RequestInfo`] later layers rely on.
+//! 3. [`AuthLayer`]: allowlist, identity and MFA, policy; issues the [`Principal`].
+//! 4. [`ProxyService`]: forwards to the upstream.
+//!
+//! [`GatewayError`]: crate::error::GatewayError
+//! [`RequestInfo`]: crate::proxy::RequestInfo
+//! [`Principal`]: crate::proxy::Principal
+
+pub mod edge;
+pub mod guard;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+
+use crate::auth::{Auth, AuthLayer};
+use crate::metrics::Metrics;
+use crate::proxy::{Body, ProxyService, Upstream};
+
+/// The service handed to hyper for every connection of the main listener.
+pub type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// Builds the stack of the main listener.
+pub fn build(
+    auth: Arc<Auth>,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    max_header_bytes: usize,
+) -> GatewayService {
+    let service = ServiceBuilder::new()
+        .layer(edge::EdgeLayer::new(metrics))
+        .layer(guard::GuardLayer::new(max_header_bytes))
+        .layer(AuthLayer::new(auth))
+        .service(ProxyService::new(upstream));
+    BoxCloneSyncService::new(service)
+}

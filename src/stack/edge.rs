@@ -1,0 +1,185 @@
+//! The outermost layer: the request's id and clock, errors turned into answers, the decision
+//! counted and the access log line written — once per request, whatever happened inside.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::decision::DecisionSlot;
+use crate::error::{Fault, GatewayError};
+use crate::metrics::Metrics;
+use crate::proxy::{headers, Body};
+
+/// Where the connection came from; put into every request by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+}
+
+/// The request id, chosen here so that even a refused request's answer carries one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+/// The normalised path, once the guard has it, for the access log (a raw path that failed
+/// normalisation is never logged: it is attacker-controlled bytes).
+#[derive(Debug, Clone, Default)]
+pub struct LoggedPath(pub Arc<OnceLock<Arc<str>>>);
+
+#[derive(Clone)]
+pub struct EdgeLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl EdgeLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        EdgeLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for EdgeLayer {
+    type Service = EdgeService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EdgeService {
+            metrics: self.metrics.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EdgeService<S> {
+    metrics: Arc<Metrics>,
+    inner: S,
+}
+
+/// Decrements the in-flight gauge even if the request future is dropped (client gone).
+struct InflightGuard(Arc<Metrics>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight_requests.dec();
+    }
+}
+
+impl<S> tower::Service<Request<Incoming>> for EdgeService<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The inner services are always ready; readiness is checked per call below.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let metrics = self.metrics.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            metrics.inflight_requests.inc();
+            let _inflight = InflightGuard(metrics.clone());
+
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .filter(|value| headers::acceptable_request_id(value))
+                .cloned()
+                .unwrap_or_else(|| {
+                    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                        .expect("a UUID is a valid header value")
+                });
+            let slot = DecisionSlot::default();
+            let logged_path = LoggedPath::default();
+            let method = request.method().clone();
+            let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer);
+            request.extensions_mut().insert(RequestId(request_id.clone()));
+            request.extensions_mut().insert(slot.clone());
+            request.extensions_mut().insert(logged_path.clone());
+
+            let result = match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
+                Ok(()) => inner.call(request).await,
+                Err(err) => Err(err),
+            };
+
+            let request_id_text = request_id.to_str().unwrap_or_default();
+            let (mut response, error) = match result {
+                Ok(response) => (response, None),
+                Err(err) => {
+                    let text = match std::error::Error::source(&err) {
+                        Some(source) => format!("{err}: {source}"),
+                        None => err.to_string(),
+                    };
+                    let fault = err.fault();
+                    let reason = err.reason();
+                    (err.into_response(request_id_text), Some((text, fault, reason)))
+                }
+            };
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static("x-request-id"), request_id.clone());
+
+            let decision = slot.get().cloned();
+            let (decision_label, reason_label) = match (&decision, &error) {
+                (Some(decision), _) => (Some(decision.label()), Some(decision.reason.label())),
+                (None, Some((_, _, Some(reason)))) => (Some("deny"), Some(reason.label())),
+                _ => (None, None),
+            };
+            let elapsed = started.elapsed();
+            if let (Some(decision), Some(reason)) = (decision_label, reason_label) {
+                metrics.decisions.with_label_values(&[decision, reason]).inc();
+                metrics
+                    .request_duration
+                    .with_label_values(&[decision])
+                    .observe(elapsed.as_secs_f64());
+            }
+
+            let path = logged_path.0.get().map(|p| &**p).unwrap_or("-");
+            let user_id = decision.as_ref().and_then(|d| d.user_id.as_deref()).unwrap_or("-");
+            let rule = decision.as_ref().and_then(|d| d.rule.as_deref()).unwrap_or("-");
+            let status = response.status().as_u16();
+            let latency_ms = elapsed.as_secs_f64() * 1000.0;
+            let peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+            let decision_label = decision_label.unwrap_or("-");
+            let reason_label = reason_label.unwrap_or("-");
+            match &error {
+                Some((cause, Fault::Iam | Fault::Upstream | Fault::Internal, _)) => {
+                    tracing::error!(
+                        target: "mfa_gate::access",
+                        request_id = request_id_text, method = %method, path, status,
+                        decision = decision_label, reason = reason_label, user_id, rule,
+                        client = %peer, latency_ms, error = %cause,
+                        "request"
+                    );
+                }
+                _ => {
+                    tracing::info!(
+                        target: "mfa_gate::access",
+                        request_id = request_id_text, method = %method, path, status,
+                        decision = decision_label, reason = reason_label, user_id, rule,
+                        client = %peer, latency_ms,
+                        "request"
+                    );
+                }
+            }
+            Ok(response)
+        })
+    }
+}

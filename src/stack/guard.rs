@@ -1,0 +1,157 @@
+//! The request guard: refuses what must never be forwarded or judged (CONTRACT §4 "Requests
+//! refused" and "Path handling"), and establishes the facts every later layer relies on.
+//!
+//! Ambiguity is what auth-proxy bypasses are made of: two parsers (ours and the app's) reading
+//! one request differently. Each check here removes one such disagreement: a second `Host`, a
+//! second token, `Content-Length` next to `Transfer-Encoding` (request smuggling), a path that
+//! decodes differently in the app than in the allowlist.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use crate::auth::token;
+use crate::error::GatewayError;
+use crate::proxy::{headers, path, Body, RequestInfo};
+use crate::stack::edge::{ConnInfo, LoggedPath, RequestId};
+
+#[derive(Clone)]
+pub struct GuardLayer {
+    max_header_bytes: usize,
+}
+
+impl GuardLayer {
+    pub fn new(max_header_bytes: usize) -> Self {
+        GuardLayer { max_header_bytes }
+    }
+}
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GuardService {
+            max_header_bytes: self.max_header_bytes,
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GuardService<S> {
+    max_header_bytes: usize,
+    inner: S,
+}
+
+/// The size of the header block as it arrived, near enough: request line plus `name: value\r\n`.
+fn header_block_bytes(request: &Request<Incoming>) -> usize {
+    let uri = request.uri();
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len() + 8);
+    let line = request.method().as_str().len() + target + 12;
+    line + request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+}
+
+fn count(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> usize {
+    headers.get_all(name).iter().count()
+}
+
+/// Checks the request head; answers the normalised path.
+fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str>, GatewayError> {
+    if request.method() == Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed {
+            detail: "CONNECT is not supported".into(),
+        });
+    }
+    if request.uri().path() == "*" {
+        return Err(GatewayError::bad_request("asterisk-form request target"));
+    }
+    if header_block_bytes(request) > max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge {
+            limit: max_header_bytes,
+        });
+    }
+    let headers = request.headers();
+    match (request.version(), count(headers, HOST)) {
+        (_, n) if n > 1 => return Err(GatewayError::bad_request("repeated Host header")),
+        (Version::HTTP_11, 0) => return Err(GatewayError::bad_request("missing Host header")),
+        _ => {}
+    }
+    if count(headers, "x-auth-token") > 1 {
+        return Err(GatewayError::bad_request("repeated X-Auth-Token header"));
+    }
+    if count(headers, AUTHORIZATION) > 1 {
+        return Err(GatewayError::bad_request("repeated Authorization header"));
+    }
+    if headers.contains_key(CONTENT_LENGTH) && headers.contains_key(TRANSFER_ENCODING) {
+        return Err(GatewayError::bad_framing(
+            "Content-Length together with Transfer-Encoding",
+        ));
+    }
+    if headers::connection_names_identity(headers).is_some() {
+        return Err(GatewayError::bad_request(
+            "Connection header names an identity header",
+        ));
+    }
+    let normal = path::normalize(request.uri().path()).map_err(|err| GatewayError::bad_request(err.to_string()))?;
+    Ok(Arc::from(normal.as_ref()))
+}
+
+impl<S> tower::Service<Request<Incoming>> for GuardService<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let max_header_bytes = self.max_header_bytes;
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let conn = *request
+                .extensions()
+                .get::<ConnInfo>()
+                .ok_or(GatewayError::Internal("request without connection info"))?;
+            let request_id = request
+                .extensions()
+                .get::<RequestId>()
+                .cloned()
+                .ok_or(GatewayError::Internal("request without request id"))?;
+            let path = check(&request, max_header_bytes)?;
+            if let Some(logged) = request.extensions().get::<LoggedPath>() {
+                let _ = logged.0.set(path.clone());
+            }
+            let token = token::extract(request.headers()).map_err(|err| {
+                tracing::debug!(cause = %err, "token refused before any IAM call");
+                GatewayError::InvalidToken
+            })?;
+            request.extensions_mut().insert(RequestInfo {
+                request_id: request_id.0,
+                peer: conn.peer,
+                proto: conn.proto,
+                path,
+                token,
+            });
+            inner.call(request).await
+        })
+    }
+}

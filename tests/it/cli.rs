@@ -1,0 +1,232 @@
+//! The binary as operators run it: `check`, config errors, `run` with JSON logs, SIGTERM.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use mfa_gate::dev::iam_sim::{self, Api, Fault, IamSim};
+use mfa_gate::dev::upstream::DemoUpstream;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::{config_text, send, LOOPBACK};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mfa-gate");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("mfa-gate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_example_and_prints_effective_settings() {
+    let output = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/mfa-gate.toml"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("[cache]"), "{stdout}");
+    assert!(stdout.contains("negative_ttl = \"10s\""), "{stdout}");
+    assert!(stdout.contains("name = \"health\""), "{stdout}");
+}
+
+#[test]
+fn config_errors_exit_64_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[upstream]\nurl = \"http://127.0.0.1:1\"\n[iam]\nendpoint = \"https://iam.example.com\"\n[polcy]\n", "unknown field `polcy`"),
+        ("[iam]\nendpoint = \"https://iam.example.com\"\n", "upstream.url: missing"),
+        ("[upstream]\nurl = \"http://127.0.0.1:1\"\n[iam]\nendpoint = \"http://iam.example.com\"\n", "iam.endpoint"),
+        ("[upstream]\nurl = \"http://127.0.0.1:1\"\n[iam]\nendpoint = \"https://iam.example.com\"\n[cache]\nttl = \"soon\"\n", "cache.ttl"),
+        ("[upstream]\nurl = \"http://127.0.0.1:1\"\n[iam]\nendpoint = \"https://iam.example.com\"\n[[allow]]\nname = \"x\"\n", "allow[0]"),
+    ];
+    for (text, needle) in cases {
+        let path = write_config(&dir, text);
+        for command in ["check", "run"] {
+            let output = std::process::Command::new(BIN)
+                .args([command, "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(64), "{command} {text:?}: {output:?}");
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+            assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+            assert!(stderr.starts_with("mfa-gate: config error: "), "{stderr}");
+        }
+    }
+    let output = std::process::Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/mfa-gate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/mfa-gate.toml"));
+}
+
+#[test]
+fn config_path_may_come_from_the_environment_and_flags_go_anywhere() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mfa-gate.toml");
+    let output = std::process::Command::new(BIN)
+        .args(["--log-format", "json", "check", "--log-level", "warn"])
+        .env("MFA_GATE_CONFIG", path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
+/// A gateway process with its stderr collected line by line.
+struct Process {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    async fn start(config: &std::path::Path) -> (Process, String, String) {
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "--log-level", "debug", "run", "--config"])
+            .arg(config)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if line.contains("mfa-gate ready") {
+                    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send((
+                            event["listen"].as_str().unwrap().to_string(),
+                            event["admin"].as_str().unwrap().to_string(),
+                        ));
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (listen, admin) = tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("gateway did not become ready")
+            .expect("gateway exited");
+        (Process { child, lines }, listen, admin)
+    }
+
+    async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("no exit after SIGTERM")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let lines = self.lines.lock().unwrap().clone();
+        (exit.code(), lines)
+    }
+}
+
+#[tokio::test]
+async fn run_logs_one_decision_event_per_request_and_never_a_token() {
+    let users = iam_sim::demo_users(Duration::from_secs(3600));
+    let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
+    let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), "[cache]\nttl = \"200ms\"\nstale_if_error = \"0s\"\n"));
+    let (process, listen, admin) = Process::start(&config).await;
+
+    let token = |name: &str| users.iter().find(|u| u.user_name == name).unwrap().token.clone();
+    let url = format!("http://{listen}/app/page");
+    let mut tokens = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let t = token(name);
+        send(Method::GET, &url, &[("x-auth-token", &t)], Bytes::new()).await;
+        let bearer = format!("Bearer {t}");
+        send(Method::GET, &url, &[("authorization", &bearer)], Bytes::new()).await;
+        tokens.push(t);
+    }
+    let bogus = "bogus-token-0123456789abcdef".to_string();
+    let answer = send(Method::GET, &url, &[("x-auth-token", &bogus)], Bytes::new()).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(!answer.text().contains(&bogus));
+    tokens.push(bogus);
+    // IAM failures log their cause: still no token in it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.set_fault(Some(Api::VerifyToken), Some(Fault::Status(500)));
+    let answer = send(Method::GET, &url, &[("x-auth-token", &tokens[0])], Bytes::new()).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!answer.text().contains(&tokens[0]));
+    sim.set_fault(None, None);
+
+    let metrics = send(Method::GET, &format!("http://{admin}/metrics"), &[], Bytes::new()).await.text();
+    let (code, lines) = process.terminate().await;
+    assert_eq!(code, Some(0), "SIGTERM exits 0");
+
+    for token in &tokens {
+        assert!(!metrics.contains(token.as_str()), "token in /metrics");
+        // Not even a part of it.
+        let part = &token[token.len() - 12..];
+        for line in &lines {
+            assert!(!line.contains(part), "token fragment in log line: {line}");
+        }
+    }
+    let decisions: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "mfa_gate::access")
+        .collect();
+    assert_eq!(decisions.len(), 8, "one event per request");
+    let alice_id = &users.iter().find(|u| u.user_name == "alice").unwrap().user_id;
+    let first = &decisions[0];
+    assert_eq!(first["decision"], "allow");
+    assert_eq!(first["reason"], "mfa_verified");
+    assert_eq!(first["user_id"], alice_id.as_str());
+    assert_eq!(first["path"], "/app/page");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["status"], 200);
+    assert!(first["request_id"].as_str().unwrap().len() == 36);
+    assert!(first["latency_ms"].as_f64().is_some());
+    assert_eq!(decisions[2]["reason"], "no_mfa");
+    assert_eq!(decisions[6]["reason"], "invalid_token");
+    assert_eq!(decisions[7]["reason"], "iam_unavailable");
+    assert_eq!(decisions[7]["status"], 503);
+}
+
+#[tokio::test]
+async fn sigterm_drains_requests_in_flight() {
+    let users = iam_sim::demo_users(Duration::from_secs(3600));
+    let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
+    let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), ""));
+    let (process, listen, _) = Process::start(&config).await;
+    let token = users[0].token.clone();
+    let url = format!("http://{listen}/slow");
+    let mut requests = Vec::new();
+    for _ in 0..4 {
+        let (url, token) = (url.clone(), token.clone());
+        requests.push(tokio::spawn(async move {
+            send(Method::GET, &url, &[("x-auth-token", &token), ("x-echo-delay-ms", "800")], Bytes::new()).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _) = process.terminate().await;
+    assert_eq!(code, Some(0));
+    for request in requests {
+        assert_eq!(request.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(upstream.request_count(), 4);
+}

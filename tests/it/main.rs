@@ -1,0 +1,8 @@
+//! Integration tests: the gateway in-process (or as the real binary) on 127.0.0.1, with the IAM
+//! simulator and the demo upstream from `mfa_gate::dev` as its peers. Nothing leaves loopback.
+
+mod support;
+
+mod cli;
+mod enforce;
+mod forwarding;
