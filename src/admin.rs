@@ -92,11 +92,17 @@ impl AdminState {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
                 if self.draining.load(Ordering::Acquire) {
-                    json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "draining"}))
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "draining"}),
+                    )
                 } else if self.ready.load(Ordering::Acquire) {
                     json_response(StatusCode::OK, json!({"status": "ready"}))
                 } else {
-                    json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "starting"}))
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "starting"}),
+                    )
                 }
             }
             (_, "/metrics" | "/healthz" | "/readyz") => error(
@@ -124,10 +130,18 @@ impl AdminState {
                         "MFAGATE.METHOD_NOT_ALLOWED",
                         "use POST",
                     ),
-                    _ => error(StatusCode::NOT_FOUND, "MFAGATE.NOT_FOUND", "no such admin endpoint"),
+                    _ => error(
+                        StatusCode::NOT_FOUND,
+                        "MFAGATE.NOT_FOUND",
+                        "no such admin endpoint",
+                    ),
                 }
             }
-            _ => error(StatusCode::NOT_FOUND, "MFAGATE.NOT_FOUND", "no such endpoint"),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "MFAGATE.NOT_FOUND",
+                "no such endpoint",
+            ),
         }
     }
 
@@ -192,7 +206,11 @@ fn percent_decode(value: &str) -> Option<String> {
 }
 
 /// Serves the admin listener until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

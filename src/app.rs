@@ -69,8 +69,7 @@ impl Gateway {
             trusted_proxies: config.server.trusted_proxies.clone(),
         });
         let upstream = Arc::new(
-            Upstream::new(&config.upstream, config.token, metrics.clone())
-                .context("upstream")?,
+            Upstream::new(&config.upstream, config.token, metrics.clone()).context("upstream")?,
         );
         let service = stack::build(
             auth,

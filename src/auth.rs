@@ -211,11 +211,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let info = request
-                .extensions()
-                .get::<RequestInfo>()
-                .cloned()
-                .ok_or(GatewayError::Internal("request reached auth without request info"))?;
+            let info = request.extensions().get::<RequestInfo>().cloned().ok_or(
+                GatewayError::Internal("request reached auth without request info"),
+            )?;
             let slot = request
                 .extensions()
                 .get::<DecisionSlot>()

@@ -529,10 +529,16 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         .map(|(index, rule)| validate_allow(index, rule))
         .collect::<Result<Vec<_>, _>>()?;
     for (index, rule) in allow.iter().enumerate() {
-        if allow[..index].iter().any(|earlier| earlier.name == rule.name) {
+        if allow[..index]
+            .iter()
+            .any(|earlier| earlier.name == rule.name)
+        {
             return Err(ConfigError::key(
                 format!("allow[{index}].name"),
-                format!("duplicate rule name {:?}: names label metrics and must be unique", rule.name),
+                format!(
+                    "duplicate rule name {:?}: names label metrics and must be unique",
+                    rule.name
+                ),
             ));
         }
     }
@@ -561,7 +567,9 @@ fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         ConfigError::key(
             key,
-            format!("{value:?} is not an address with a port, like \"0.0.0.0:8080\" or \"[::1]:8080\""),
+            format!(
+                "{value:?} is not an address with a port, like \"0.0.0.0:8080\" or \"[::1]:8080\""
+            ),
         )
     })
 }
@@ -642,7 +650,10 @@ fn parse_cidr(key: &str, value: &str) -> Result<IpNet, ConfigError> {
         if net.trunc() != net {
             return Err(ConfigError::key(
                 key,
-                format!("{value:?} has host bits set; did you mean {:?}?", net.trunc().to_string()),
+                format!(
+                    "{value:?} has host bits set; did you mean {:?}?",
+                    net.trunc().to_string()
+                ),
             ));
         }
         return Ok(net);
@@ -660,14 +671,20 @@ fn validate_admin(file: &AdminFile, base_dir: &Path) -> Result<AdminConfig, Conf
         Some(path) => {
             let path = existing_file("admin.token_file", path, base_dir)?;
             let text = std::fs::read_to_string(&path).map_err(|err| {
-                ConfigError::key("admin.token_file", format!("cannot read {}: {err}", path.display()))
+                ConfigError::key(
+                    "admin.token_file",
+                    format!("cannot read {}: {err}", path.display()),
+                )
             })?;
             let token = text.strip_suffix('\n').unwrap_or(&text);
             let token = token.strip_suffix('\r').unwrap_or(token);
             if token.is_empty() || token.chars().any(|c| c.is_control() || c == ' ') {
                 return Err(ConfigError::key(
                     "admin.token_file",
-                    format!("{} must hold one non-empty token without spaces", path.display()),
+                    format!(
+                        "{} must hold one non-empty token without spaces",
+                        path.display()
+                    ),
                 ));
             }
             Some(AdminToken(token.to_string()))
@@ -677,10 +694,12 @@ fn validate_admin(file: &AdminFile, base_dir: &Path) -> Result<AdminConfig, Conf
 }
 
 fn validate_upstream(file: &UpstreamFile, base_dir: &Path) -> Result<UpstreamConfig, ConfigError> {
-    let raw = file
-        .url
-        .as_deref()
-        .ok_or_else(|| ConfigError::key("upstream.url", "missing: the app to forward to, like \"http://127.0.0.1:3000\""))?;
+    let raw = file.url.as_deref().ok_or_else(|| {
+        ConfigError::key(
+            "upstream.url",
+            "missing: the app to forward to, like \"http://127.0.0.1:3000\"",
+        )
+    })?;
     let url: http::Uri = raw
         .parse()
         .map_err(|err| ConfigError::key("upstream.url", format!("{raw:?} is not a URL: {err}")))?;
@@ -694,7 +713,10 @@ fn validate_upstream(file: &UpstreamFile, base_dir: &Path) -> Result<UpstreamCon
         }
     }
     if url.host().is_none_or(str::is_empty) {
-        return Err(ConfigError::key("upstream.url", format!("{raw:?} has no host")));
+        return Err(ConfigError::key(
+            "upstream.url",
+            format!("{raw:?} has no host"),
+        ));
     }
     if !matches!(url.path(), "" | "/") || url.query().is_some() {
         return Err(ConfigError::key(
@@ -753,7 +775,10 @@ fn iam_endpoint(key: &str, raw: &str) -> Result<String, ConfigError> {
 
 fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigError> {
     let raw = file.endpoint.as_deref().ok_or_else(|| {
-        ConfigError::key("iam.endpoint", "missing: the IAM to ask, like \"https://iam.myhuaweicloud.eu\"")
+        ConfigError::key(
+            "iam.endpoint",
+            "missing: the IAM to ask, like \"https://iam.myhuaweicloud.eu\"",
+        )
     })?;
     let endpoint = iam_endpoint("iam.endpoint", raw)?;
     if !(1..=4096).contains(&file.max_concurrency) {
@@ -776,7 +801,10 @@ fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigErro
                 ("iam.directory_id", file.directory_id.is_some()),
                 ("iam.jwt", file.jwt.is_some()),
                 ("iam.access_key_id_file", file.access_key_id_file.is_some()),
-                ("iam.access_key_secret_file", file.access_key_secret_file.is_some()),
+                (
+                    "iam.access_key_secret_file",
+                    file.access_key_secret_file.is_some(),
+                ),
             ] {
                 if set {
                     return Err(ConfigError::key(
@@ -798,13 +826,19 @@ fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigErro
             })?;
             validate_jwt(jwt, base_dir)?;
             if file.v5.is_some() {
-                return Err(ConfigError::key("iam.v5", "only used with iam.provider = \"huawei\""));
+                return Err(ConfigError::key(
+                    "iam.v5",
+                    "only used with iam.provider = \"huawei\"",
+                ));
             }
         }
     }
     if let Some(v5) = &file.v5 {
         iam_endpoint("iam.v5.endpoint", &v5.endpoint)?;
-        for (key, path) in [("iam.v5.ak_file", &v5.ak_file), ("iam.v5.sk_file", &v5.sk_file)] {
+        for (key, path) in [
+            ("iam.v5.ak_file", &v5.ak_file),
+            ("iam.v5.sk_file", &v5.sk_file),
+        ] {
             if let Some(path) = path {
                 existing_file(key, path, base_dir)?;
             }
@@ -843,11 +877,16 @@ fn validate_jwt(jwt: &JwtFile, base_dir: &Path) -> Result<(), ConfigError> {
         }
     }
     if jwt.algorithms.is_empty() {
-        return Err(ConfigError::key("iam.jwt.algorithms", "must name at least one algorithm"));
+        return Err(ConfigError::key(
+            "iam.jwt.algorithms",
+            "must name at least one algorithm",
+        ));
     }
     for (i, alg) in jwt.algorithms.iter().enumerate() {
-        if !["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
-            .contains(&alg.as_str())
+        if ![
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+        ]
+        .contains(&alg.as_str())
         {
             return Err(ConfigError::key(
                 format!("iam.jwt.algorithms[{i}]"),
@@ -903,7 +942,10 @@ fn validate_policy(file: &PolicyFile) -> Result<PolicyConfig, ConfigError> {
 
 fn validate_cache(file: &CacheFile) -> Result<CacheConfig, ConfigError> {
     if file.max_entries == 0 {
-        return Err(ConfigError::key("cache.max_entries", "must be greater than zero"));
+        return Err(ConfigError::key(
+            "cache.max_entries",
+            "must be greater than zero",
+        ));
     }
     Ok(CacheConfig {
         ttl: positive("cache.ttl", file.ttl)?,
@@ -931,9 +973,16 @@ fn validate_allow(index: usize, file: &AllowFile) -> Result<AllowRule, ConfigErr
     let key = |field: &str| format!("allow[{index}].{field}");
     let name = file.name.trim();
     if name.is_empty() {
-        return Err(ConfigError::key(key("name"), "missing: every rule needs a name (it labels metrics)"));
+        return Err(ConfigError::key(
+            key("name"),
+            "missing: every rule needs a name (it labels metrics)",
+        ));
     }
-    if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+    if name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
         return Err(ConfigError::key(
             key("name"),
             format!("{name:?}: use up to 64 letters, digits, '-', '_', '.', ':'"),
@@ -956,7 +1005,10 @@ fn validate_allow(index: usize, file: &AllowFile) -> Result<AllowRule, ConfigErr
                 .map(|(i, method)| {
                     let upper = method.to_ascii_uppercase();
                     http::Method::from_bytes(upper.as_bytes()).map_err(|_| {
-                        ConfigError::key(key(&format!("methods[{i}]")), format!("{method:?} is not an HTTP method"))
+                        ConfigError::key(
+                            key(&format!("methods[{i}]")),
+                            format!("{method:?} is not an HTTP method"),
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -971,15 +1023,19 @@ fn validate_allow(index: usize, file: &AllowFile) -> Result<AllowRule, ConfigErr
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    let identity = |field: &str, list: &Option<Vec<String>>| -> Result<Option<Vec<String>>, ConfigError> {
-        let list = non_empty_list(&key(field), list)?;
-        if let Some(list) = list {
-            if let Some(i) = list.iter().position(|v| v.trim().is_empty()) {
-                return Err(ConfigError::key(key(&format!("{field}[{i}]")), "must not be empty"));
+    let identity =
+        |field: &str, list: &Option<Vec<String>>| -> Result<Option<Vec<String>>, ConfigError> {
+            let list = non_empty_list(&key(field), list)?;
+            if let Some(list) = list {
+                if let Some(i) = list.iter().position(|v| v.trim().is_empty()) {
+                    return Err(ConfigError::key(
+                        key(&format!("{field}[{i}]")),
+                        "must not be empty",
+                    ));
+                }
             }
-        }
-        Ok(list.map(<[String]>::to_vec))
-    };
+            Ok(list.map(<[String]>::to_vec))
+        };
     let rule = AllowRule {
         name: name.to_string(),
         paths,
@@ -989,7 +1045,11 @@ fn validate_allow(index: usize, file: &AllowFile) -> Result<AllowRule, ConfigErr
         user_names: identity("user_names", &file.user_names)?,
         domain_ids: identity("domain_ids", &file.domain_ids)?,
     };
-    if rule.paths.is_none() && rule.methods.is_none() && rule.cidrs.is_none() && !rule.is_identity_rule() {
+    if rule.paths.is_none()
+        && rule.methods.is_none()
+        && rule.cidrs.is_none()
+        && !rule.is_identity_rule()
+    {
         return Err(ConfigError::key(
             format!("allow[{index}]"),
             format!("rule {name:?} has no matcher (paths, methods, cidrs, user_ids, user_names or domain_ids): it would let everything through"),
@@ -1039,7 +1099,9 @@ mod tests {
     }
 
     fn error(text: &str) -> String {
-        load(text).expect_err("config should be refused").to_string()
+        load(text)
+            .expect_err("config should be refused")
+            .to_string()
     }
 
     #[test]
@@ -1095,8 +1157,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_key_and_line() {
-        let message = error(&format!("{MINIMAL}[policy]\nrequire = \"mfa_device\"\nrequre_totp = true\n"));
-        assert!(message.starts_with("/etc/mfa-gate/test.toml:7: policy"), "{message}");
+        let message = error(&format!(
+            "{MINIMAL}[policy]\nrequire = \"mfa_device\"\nrequre_totp = true\n"
+        ));
+        assert!(
+            message.starts_with("/etc/mfa-gate/test.toml:7: policy"),
+            "{message}"
+        );
         assert!(message.contains("unknown field `requre_totp`"), "{message}");
         assert!(!message.contains('\n'));
         let message = error(&format!("{MINIMAL}[sever]\nlisten = \"x\"\n"));
@@ -1117,7 +1184,10 @@ mod tests {
         let message = error(&format!("{MINIMAL}[server]\nmax_header_bytes = \"big\"\n"));
         assert!(message.contains("server.max_header_bytes"), "{message}");
         let message = error("[upstream\nurl = 1");
-        assert!(message.starts_with("/etc/mfa-gate/test.toml:1"), "{message}");
+        assert!(
+            message.starts_with("/etc/mfa-gate/test.toml:1"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -1133,22 +1203,58 @@ mod tests {
         let cases = [
             ("[server]\nlisten = \"8080\"\n", "server.listen"),
             ("[admin]\nlisten = \"localhost\"\n", "admin.listen"),
-            ("[server]\nheader_read_timeout = \"0s\"\n", "server.header_read_timeout"),
-            ("[server]\nmax_header_bytes = 10\n", "server.max_header_bytes"),
-            ("[server]\ntrusted_proxies = [\"10.0.0.1/8\"]\n", "server.trusted_proxies[0]"),
-            ("[server]\ntrusted_proxies = [\"nope\"]\n", "server.trusted_proxies[0]"),
-            ("[server]\ntls_cert = \"/nonexistent.crt\"\n", "server.tls_key"),
-            ("[server]\ntls_cert = \"/nonexistent.crt\"\ntls_key = \"/nonexistent.key\"\n", "server.tls_cert"),
-            ("[admin]\ntoken_file = \"/nonexistent/token\"\n", "admin.token_file"),
-            ("[upstream]\nconnect_timeout = \"0s\"\n", "upstream.connect_timeout"),
+            (
+                "[server]\nheader_read_timeout = \"0s\"\n",
+                "server.header_read_timeout",
+            ),
+            (
+                "[server]\nmax_header_bytes = 10\n",
+                "server.max_header_bytes",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.1/8\"]\n",
+                "server.trusted_proxies[0]",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"nope\"]\n",
+                "server.trusted_proxies[0]",
+            ),
+            (
+                "[server]\ntls_cert = \"/nonexistent.crt\"\n",
+                "server.tls_key",
+            ),
+            (
+                "[server]\ntls_cert = \"/nonexistent.crt\"\ntls_key = \"/nonexistent.key\"\n",
+                "server.tls_cert",
+            ),
+            (
+                "[admin]\ntoken_file = \"/nonexistent/token\"\n",
+                "admin.token_file",
+            ),
+            (
+                "[upstream]\nconnect_timeout = \"0s\"\n",
+                "upstream.connect_timeout",
+            ),
             ("[upstream]\ntimeout = \"0ms\"\n", "upstream.timeout"),
-            ("[upstream]\nca_file = \"/nonexistent.pem\"\n", "upstream.ca_file"),
+            (
+                "[upstream]\nca_file = \"/nonexistent.pem\"\n",
+                "upstream.ca_file",
+            ),
             ("[iam]\ntimeout = \"0s\"\n", "iam.timeout"),
             ("[iam]\nmax_concurrency = 0\n", "iam.max_concurrency"),
             ("[iam]\ndirectory_id = \"d-1\"\n", "iam.directory_id"),
-            ("[iam.v5]\nendpoint = \"http://iam.example.com\"\n", "iam.v5.endpoint"),
-            ("[policy]\nlogin_protect_methods = [\"carrier-pigeon\"]\n", "policy.login_protect_methods[0]"),
-            ("[policy]\nrequire = \"login_protect\"\nlogin_protect_methods = []\n", "policy.login_protect_methods"),
+            (
+                "[iam.v5]\nendpoint = \"http://iam.example.com\"\n",
+                "iam.v5.endpoint",
+            ),
+            (
+                "[policy]\nlogin_protect_methods = [\"carrier-pigeon\"]\n",
+                "policy.login_protect_methods[0]",
+            ),
+            (
+                "[policy]\nrequire = \"login_protect\"\nlogin_protect_methods = []\n",
+                "policy.login_protect_methods",
+            ),
             ("[cache]\nttl = \"0s\"\n", "cache.ttl"),
             ("[cache]\nnegative_ttl = \"0s\"\n", "cache.negative_ttl"),
             ("[cache]\nmax_entries = 0\n", "cache.max_entries"),
@@ -1168,7 +1274,10 @@ mod tests {
     /// a key, so the defaults of `[upstream]` and `[iam]` give way to `extra`'s).
     fn merge(extra: &str) -> String {
         let mut upstream = vec![("url", "url = \"http://127.0.0.1:3000\"".to_string())];
-        let mut iam = vec![("endpoint", "endpoint = \"https://iam.myhuaweicloud.eu\"".to_string())];
+        let mut iam = vec![(
+            "endpoint",
+            "endpoint = \"https://iam.myhuaweicloud.eu\"".to_string(),
+        )];
         let mut rest = String::new();
         let mut current = String::new();
         for line in extra.lines() {
@@ -1202,16 +1311,32 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         for (extra, needle) in [
-            ("[upstream]\nurl = \"ftp://x\"\n", "scheme must be http or https"),
-            ("[upstream]\nurl = \"http://127.0.0.1:3000/app\"\n", "only scheme, host and port"),
+            (
+                "[upstream]\nurl = \"ftp://x\"\n",
+                "scheme must be http or https",
+            ),
+            (
+                "[upstream]\nurl = \"http://127.0.0.1:3000/app\"\n",
+                "only scheme, host and port",
+            ),
             ("[upstream]\nurl = \"not a url\"\n", "upstream.url"),
-            ("[iam]\nendpoint = \"http://iam.myhuaweicloud.eu\"\n", "over https"),
-            ("[iam]\nendpoint = \"ftp://iam.myhuaweicloud.eu\"\n", "iam.endpoint"),
+            (
+                "[iam]\nendpoint = \"http://iam.myhuaweicloud.eu\"\n",
+                "over https",
+            ),
+            (
+                "[iam]\nendpoint = \"ftp://iam.myhuaweicloud.eu\"\n",
+                "iam.endpoint",
+            ),
         ] {
             let message = load(&merge(extra)).expect_err(extra).to_string();
             assert!(message.contains(needle), "{extra:?}: {message}");
         }
-        for endpoint in ["http://127.0.0.1:5000", "http://localhost:5000", "http://[::1]:5000"] {
+        for endpoint in [
+            "http://127.0.0.1:5000",
+            "http://localhost:5000",
+            "http://[::1]:5000",
+        ] {
             let text = merge(&format!("[iam]\nendpoint = \"{endpoint}\"\n"));
             assert!(load(&text).is_ok(), "{endpoint} is loopback");
         }
@@ -1221,18 +1346,58 @@ mod tests {
     fn allow_rules_are_validated() {
         for (rule, key, needle) in [
             ("paths = [\"/x\"]\n", "allow[0].name", "missing"),
-            ("name = \"a b\"\npaths = [\"/x\"]\n", "allow[0].name", "letters"),
+            (
+                "name = \"a b\"\npaths = [\"/x\"]\n",
+                "allow[0].name",
+                "letters",
+            ),
             ("name = \"empty\"\n", "allow[0]", "no matcher"),
             ("name = \"p\"\npaths = []\n", "allow[0].paths", "is empty"),
-            ("name = \"p\"\npaths = [\"x\"]\n", "allow[0].paths[0]", "start with '/'"),
-            ("name = \"p\"\npaths = [\"/a/../b\"]\n", "allow[0].paths[0]", "not a normalised path"),
-            ("name = \"p\"\npaths = [\"/a/*\"]\n", "allow[0].paths[0]", "only allowed as a final"),
-            ("name = \"p\"\npaths = [\"/a%2fb\"]\n", "allow[0].paths[0]", "encoded"),
-            ("name = \"m\"\nmethods = [\"G ET\"]\n", "allow[0].methods[0]", "not an HTTP method"),
-            ("name = \"c\"\ncidrs = [\"10.0.0.0/33\"]\n", "allow[0].cidrs[0]", "not a CIDR"),
-            ("name = \"u\"\nuser_ids = [\"\"]\n", "allow[0].user_ids[0]", "must not be empty"),
-            ("name = \"u\"\nuser_names = []\n", "allow[0].user_names", "is empty"),
-            ("name = \"u\"\nreason = \"x\"\npaths = [\"/x\"]\n", "allow[0]", "unknown field `reason`"),
+            (
+                "name = \"p\"\npaths = [\"x\"]\n",
+                "allow[0].paths[0]",
+                "start with '/'",
+            ),
+            (
+                "name = \"p\"\npaths = [\"/a/../b\"]\n",
+                "allow[0].paths[0]",
+                "not a normalised path",
+            ),
+            (
+                "name = \"p\"\npaths = [\"/a/*\"]\n",
+                "allow[0].paths[0]",
+                "only allowed as a final",
+            ),
+            (
+                "name = \"p\"\npaths = [\"/a%2fb\"]\n",
+                "allow[0].paths[0]",
+                "encoded",
+            ),
+            (
+                "name = \"m\"\nmethods = [\"G ET\"]\n",
+                "allow[0].methods[0]",
+                "not an HTTP method",
+            ),
+            (
+                "name = \"c\"\ncidrs = [\"10.0.0.0/33\"]\n",
+                "allow[0].cidrs[0]",
+                "not a CIDR",
+            ),
+            (
+                "name = \"u\"\nuser_ids = [\"\"]\n",
+                "allow[0].user_ids[0]",
+                "must not be empty",
+            ),
+            (
+                "name = \"u\"\nuser_names = []\n",
+                "allow[0].user_names",
+                "is empty",
+            ),
+            (
+                "name = \"u\"\nreason = \"x\"\npaths = [\"/x\"]\n",
+                "allow[0]",
+                "unknown field `reason`",
+            ),
         ] {
             let message = error(&format!("{MINIMAL}[[allow]]\n{rule}"));
             assert!(message.contains(key), "{rule:?}: {message}");

@@ -100,40 +100,90 @@ impl Dev {
         let mut out = String::new();
         let _ = writeln!(out, "mfa-gate dev is running\n");
         let _ = writeln!(out, "  gateway         {gw}");
-        let _ = writeln!(out, "  admin           {admin}  (/metrics, /healthz, /readyz)");
+        let _ = writeln!(
+            out,
+            "  admin           {admin}  (/metrics, /healthz, /readyz)"
+        );
         let _ = writeln!(out, "  IAM simulator   {}", self.sim.url());
-        let _ = writeln!(out, "  demo upstream   {}  (echoes what it receives)\n", self.upstream.url());
-        let _ = writeln!(out, "Demo users (tokens valid {}h):", DEMO_TOKEN_LIFETIME.as_secs() / 3600);
+        let _ = writeln!(
+            out,
+            "  demo upstream   {}  (echoes what it receives)\n",
+            self.upstream.url()
+        );
+        let _ = writeln!(
+            out,
+            "Demo users (tokens valid {}h):",
+            DEMO_TOKEN_LIFETIME.as_secs() / 3600
+        );
         for user in &self.users {
             let mfa = match (&user.mfa_device, &user.login_protect) {
                 (Some(_), _) => "virtual MFA device bound".to_string(),
-                (None, Some((true, method))) => format!("no MFA device; login protection by {method}"),
+                (None, Some((true, method))) => {
+                    format!("no MFA device; login protection by {method}")
+                }
                 _ => "no MFA at all".to_string(),
             };
-            let _ = writeln!(out, "  {:<6} {mfa}\n         token: {}", user.user_name, user.token);
+            let _ = writeln!(
+                out,
+                "  {:<6} {mfa}\n         token: {}",
+                user.user_name, user.token
+            );
         }
         let alice = token("alice");
         let bob = token("bob");
         let carol = token("carol");
         let _ = writeln!(out, "\nTry it:");
-        let _ = writeln!(out, "  # alice has MFA: forwarded, the upstream sees X-Auth-User-* and X-Auth-Mfa");
+        let _ = writeln!(
+            out,
+            "  # alice has MFA: forwarded, the upstream sees X-Auth-User-* and X-Auth-Mfa"
+        );
         let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: {alice}'");
-        let _ = writeln!(out, "  # bob has login protection by SMS only, no MFA device: 403 MFAGATE.NO_MFA");
+        let _ = writeln!(
+            out,
+            "  # bob has login protection by SMS only, no MFA device: 403 MFAGATE.NO_MFA"
+        );
         let _ = writeln!(out, "  curl -i {gw}/hello -H 'Authorization: Bearer {bob}'");
         let _ = writeln!(out, "  # carol has no MFA: 403");
         let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: {carol}'");
-        let _ = writeln!(out, "  # no token: 401 MFAGATE.NO_TOKEN; a made-up token: 401 MFAGATE.INVALID_TOKEN");
+        let _ = writeln!(
+            out,
+            "  # no token: 401 MFAGATE.NO_TOKEN; a made-up token: 401 MFAGATE.INVALID_TOKEN"
+        );
         let _ = writeln!(out, "  curl -i {gw}/hello");
-        let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: not-a-real-token'");
-        let _ = writeln!(out, "  # allowlisted paths need no token (rules \"health\" and \"public\")");
+        let _ = writeln!(
+            out,
+            "  curl -i {gw}/hello -H 'X-Auth-Token: not-a-real-token'"
+        );
+        let _ = writeln!(
+            out,
+            "  # allowlisted paths need no token (rules \"health\" and \"public\")"
+        );
         let _ = writeln!(out, "  curl -i {gw}/public/readme.txt");
-        let _ = writeln!(out, "  # spoofed identity headers are stripped, path tricks refused");
-        let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: {carol}' -H 'X-Auth-User-Id: admin'");
+        let _ = writeln!(
+            out,
+            "  # spoofed identity headers are stripped, path tricks refused"
+        );
+        let _ = writeln!(
+            out,
+            "  curl -i {gw}/hello -H 'X-Auth-Token: {carol}' -H 'X-Auth-User-Id: admin'"
+        );
         let _ = writeln!(out, "  curl -i --path-as-is '{gw}/public/../admin'");
-        let _ = writeln!(out, "  # the decision endpoint (for nginx auth_request and friends)");
-        let _ = writeln!(out, "  curl -i {gw}/.mfa-gate/auth -H 'X-Auth-Token: {alice}'");
-        let _ = writeln!(out, "  # what the gateway decided so far, and a cache purge");
-        let _ = writeln!(out, "  curl -s {admin}/metrics | grep '^mfa_gate_decisions_total'");
+        let _ = writeln!(
+            out,
+            "  # the decision endpoint (for nginx auth_request and friends)"
+        );
+        let _ = writeln!(
+            out,
+            "  curl -i {gw}/.mfa-gate/auth -H 'X-Auth-Token: {alice}'"
+        );
+        let _ = writeln!(
+            out,
+            "  # what the gateway decided so far, and a cache purge"
+        );
+        let _ = writeln!(
+            out,
+            "  curl -s {admin}/metrics | grep '^mfa_gate_decisions_total'"
+        );
         let _ = writeln!(out, "  curl -i -X POST {admin}/admin/cache/purge");
         let _ = writeln!(out, "\nThe config in use:\n");
         for line in self.config_text.lines() {

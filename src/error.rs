@@ -184,8 +184,7 @@ impl GatewayError {
                     HeaderValue::from_static("Bearer realm=\"mfa-gate\", error=\"invalid_token\""),
                 );
             }
-            GatewayError::BadRequest { close: true, .. }
-            | GatewayError::HeadersTooLarge { .. } => {
+            GatewayError::BadRequest { close: true, .. } | GatewayError::HeadersTooLarge { .. } => {
                 headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}

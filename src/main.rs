@@ -15,7 +15,11 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "mfa-gate", version, about = "Authenticating reverse proxy: no MFA, no access")]
+#[command(
+    name = "mfa-gate",
+    version,
+    about = "Authenticating reverse proxy: no MFA, no access"
+)]
 struct Cli {
     /// Log filter, RUST_LOG style (e.g. "info", "mfa_gate=debug,hyper=warn").
     #[arg(long, global = true, env = "MFA_GATE_LOG", default_value = "info")]
@@ -60,13 +64,18 @@ enum Command {
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
-    let filter = EnvFilter::try_new(filter).map_err(|err| format!("--log-level {filter:?}: {err}"))?;
+    let filter =
+        EnvFilter::try_new(filter).map_err(|err| format!("--log-level {filter:?}: {err}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
     Ok(())
 }
@@ -97,7 +106,10 @@ fn main() -> ExitCode {
         eprintln!("mfa-gate: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("mfa-gate: cannot start the runtime: {err}");
@@ -114,7 +126,10 @@ fn main() -> ExitCode {
                 };
                 run(config).await
             }
-            Command::Dev { listen, admin_listen } => match mfa_gate::dev::start(listen, admin_listen).await {
+            Command::Dev {
+                listen,
+                admin_listen,
+            } => match mfa_gate::dev::start(listen, admin_listen).await {
                 Ok(dev) => {
                     println!("{}", dev.banner());
                     wait_for_signal().await;

@@ -53,8 +53,8 @@ pub const UPSTREAM_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "err
 /// Buckets for the whole request as the gateway sees it: the cached check path is tens of
 /// microseconds, a cold IAM lookup tens to hundreds of milliseconds, an upstream up to seconds.
 const REQUEST_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Buckets for one IAM call: a round trip to a cloud endpoint is milliseconds to seconds, and
@@ -92,7 +92,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let decisions = IntCounterVec::new(
-            Opts::new("mfa_gate_decisions_total", "Gateway decisions by outcome and reason."),
+            Opts::new(
+                "mfa_gate_decisions_total",
+                "Gateway decisions by outcome and reason.",
+            ),
             &["decision", "reason"],
         )
         .expect("valid metric");
@@ -114,7 +117,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let iam_requests = IntCounterVec::new(
-            Opts::new("mfa_gate_iam_requests_total", "Calls to the IAM provider by api and outcome."),
+            Opts::new(
+                "mfa_gate_iam_requests_total",
+                "Calls to the IAM provider by api and outcome.",
+            ),
             &["api", "outcome"],
         )
         .expect("valid metric");
@@ -128,7 +134,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let cache_lookups = IntCounterVec::new(
-            Opts::new("mfa_gate_cache_lookups_total", "Token cache lookups by result."),
+            Opts::new(
+                "mfa_gate_cache_lookups_total",
+                "Token cache lookups by result.",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -150,16 +159,21 @@ impl Metrics {
             .buckets(UPSTREAM_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        let inflight_requests =
-            IntGauge::new("mfa_gate_inflight_requests", "Requests being handled right now.")
-                .expect("valid metric");
+        let inflight_requests = IntGauge::new(
+            "mfa_gate_inflight_requests",
+            "Requests being handled right now.",
+        )
+        .expect("valid metric");
         let config_reloads = IntCounterVec::new(
             Opts::new("mfa_gate_config_reloads_total", "Config reloads by result."),
             &["result"],
         )
         .expect("valid metric");
         let build_info = IntGaugeVec::new(
-            Opts::new("mfa_gate_build_info", "Always 1; the version is in the label."),
+            Opts::new(
+                "mfa_gate_build_info",
+                "Always 1; the version is in the label.",
+            ),
             &["version"],
         )
         .expect("valid metric");
@@ -178,7 +192,9 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(build_info.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
 
         for decision in DECISIONS {

@@ -73,16 +73,21 @@ impl Policy {
 
     /// The first identity rule whose matchers all match this request and identity.
     pub fn match_identity(&self, subject: Subject<'_>, identity: &Identity) -> Option<&AllowRule> {
-        self.rules.iter().filter(|rule| rule.is_identity_rule()).find(|rule| {
-            request_matchers_match(rule, subject) && identity_matchers_match(rule, identity)
-        })
+        self.rules
+            .iter()
+            .filter(|rule| rule.is_identity_rule())
+            .find(|rule| {
+                request_matchers_match(rule, subject) && identity_matchers_match(rule, identity)
+            })
     }
 
     /// Checks the user's MFA facts against `policy.require` (and `require_totp_login`).
     pub fn evaluate(&self, facts: &UserFacts) -> Evaluation {
         let device = facts.mfa_device == Some(true);
         let login_protect = match &facts.login_protect {
-            Some(Some(lp)) if lp.enabled && self.config.login_protect_methods.contains(&lp.method) => {
+            Some(Some(lp))
+                if lp.enabled && self.config.login_protect_methods.contains(&lp.method) =>
+            {
                 Some(lp.method.as_str())
             }
             _ => None,
@@ -125,16 +130,18 @@ fn request_matchers_match(rule: &AllowRule, subject: Subject<'_>) -> bool {
         .methods
         .as_ref()
         .is_none_or(|methods| methods.contains(subject.method));
-    let cidr_ok = rule
-        .cidrs
-        .as_ref()
-        .is_none_or(|cidrs| cidrs.iter().any(|net| net.contains(&canonical_ip(subject.peer))));
+    let cidr_ok = rule.cidrs.as_ref().is_none_or(|cidrs| {
+        cidrs
+            .iter()
+            .any(|net| net.contains(&canonical_ip(subject.peer)))
+    });
     path_ok && method_ok && cidr_ok
 }
 
 fn identity_matchers_match(rule: &AllowRule, identity: &Identity) -> bool {
     let in_list = |list: &Option<Vec<String>>, value: &str| {
-        list.as_ref().is_none_or(|list| list.iter().any(|v| v == value))
+        list.as_ref()
+            .is_none_or(|list| list.iter().any(|v| v == value))
     };
     in_list(&rule.user_ids, &identity.user_id)
         && in_list(&rule.user_names, &identity.user_name)
@@ -219,7 +226,10 @@ mod tests {
         assert!(path_matches(&pattern, "/static/a/b"));
         assert!(!path_matches(&pattern, "/staticx"));
         assert!(!path_matches(&pattern, "/Static/a"));
-        assert!(path_matches(&PathPattern::Subtree(String::new()), "/anything"));
+        assert!(path_matches(
+            &PathPattern::Subtree(String::new()),
+            "/anything"
+        ));
         let exact = PathPattern::Exact("/status".into());
         assert!(path_matches(&exact, "/status"));
         assert!(!path_matches(&exact, "/status/"));
@@ -232,7 +242,10 @@ mod tests {
         );
         let get = Method::GET;
         let post = Method::POST;
-        assert_eq!(p.match_request(subject(&get, "/status")).unwrap().name, "probes");
+        assert_eq!(
+            p.match_request(subject(&get, "/status")).unwrap().name,
+            "probes"
+        );
         assert!(p.match_request(subject(&post, "/status")).is_none());
         assert!(p.match_request(subject(&get, "/status/")).is_none());
         let mut outside = subject(&get, "/status");
@@ -249,7 +262,10 @@ mod tests {
         let get = Method::GET;
         assert!(p.match_request(subject(&get, "/")).is_none());
         let who = facts(false, None, false).identity;
-        assert_eq!(p.match_identity(subject(&get, "/"), &who).unwrap().name, "bg");
+        assert_eq!(
+            p.match_identity(subject(&get, "/"), &who).unwrap().name,
+            "bg"
+        );
         let other = Identity {
             user_id: "u2".into(),
             ..who
@@ -278,7 +294,9 @@ mod tests {
         assert!(!p.evaluate(&disabled).satisfied);
         assert!(!p.evaluate(&device_only).satisfied);
 
-        let p = policy("[policy]\nrequire = \"login_protect\"\nlogin_protect_methods = [\"vmfa\", \"SMS\"]\n");
+        let p = policy(
+            "[policy]\nrequire = \"login_protect\"\nlogin_protect_methods = [\"vmfa\", \"SMS\"]\n",
+        );
         assert_eq!(p.evaluate(&sms_only).factors, "login_protect:sms");
 
         let p = policy("[policy]\nrequire = \"any\"\n");

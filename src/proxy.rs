@@ -131,16 +131,12 @@ impl Upstream {
         websocket: bool,
     ) -> Result<Request<Incoming>, GatewayError> {
         let uri = self.target(&info.path, request.uri().query())?;
-        let host = request
-            .headers()
-            .get(HOST)
-            .cloned()
-            .or_else(|| {
-                request
-                    .uri()
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            });
+        let host = request.headers().get(HOST).cloned().or_else(|| {
+            request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let headers = request.headers_mut();
         let previous_xff = headers.get("x-forwarded-for").cloned();
         headers::strip_hop_by_hop(headers, websocket);
@@ -268,16 +264,17 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let upstream = self.upstream.clone();
         Box::pin(async move {
-            let principal = request
-                .extensions()
-                .get::<Principal>()
-                .cloned()
-                .ok_or(GatewayError::Internal("request reached the proxy without a decision"))?;
-            let info = request
-                .extensions()
-                .get::<RequestInfo>()
-                .cloned()
-                .ok_or(GatewayError::Internal("request reached the proxy without request info"))?;
+            let principal =
+                request
+                    .extensions()
+                    .get::<Principal>()
+                    .cloned()
+                    .ok_or(GatewayError::Internal(
+                        "request reached the proxy without a decision",
+                    ))?;
+            let info = request.extensions().get::<RequestInfo>().cloned().ok_or(
+                GatewayError::Internal("request reached the proxy without request info"),
+            )?;
             upstream.forward(request, &info, &principal).await
         })
     }

@@ -57,7 +57,11 @@ pub async fn serve(
 ) {
     let builder = builder(&settings);
     let graceful = GracefulShutdown::new();
-    let proto = if settings.tls.is_some() { "https" } else { "http" };
+    let proto = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -76,10 +80,11 @@ pub async fn serve(
         }
         let conn_info = ConnInfo { peer, proto };
         let svc = service.clone();
-        let hyper_service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(conn_info);
-            svc.clone().oneshot(request)
-        });
+        let hyper_service =
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(conn_info);
+                svc.clone().oneshot(request)
+            });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         match &settings.tls {
@@ -98,7 +103,12 @@ pub async fn serve(
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
                 let handshake_timeout = settings.header_read_timeout;
                 tokio::spawn(async move {
-                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(err)) => {
                             tracing::debug!(cause = %err, client = %peer, "TLS handshake failed");

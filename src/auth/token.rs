@@ -131,7 +131,12 @@ mod tests {
 
     #[test]
     fn other_schemes_and_empty_values_are_no_token() {
-        for value in [&b"Basic dXNlcjpwYXNz"[..], b"Bearer", b"Bearer   ", b"Bearertok"] {
+        for value in [
+            &b"Basic dXNlcjpwYXNz"[..],
+            b"Bearer",
+            b"Bearer   ",
+            b"Bearertok",
+        ] {
             let map = headers(&[("authorization", value)]);
             assert_eq!(extract(&map).unwrap(), None);
         }
@@ -155,7 +160,9 @@ mod tests {
             Err(TokenError::BadCharacters)
         );
         let max = vec![b'a'; MAX_TOKEN_BYTES];
-        assert!(extract(&headers(&[("x-auth-token", &max)])).unwrap().is_some());
+        assert!(extract(&headers(&[("x-auth-token", &max)]))
+            .unwrap()
+            .is_some());
     }
 
     #[test]

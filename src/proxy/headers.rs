@@ -210,7 +210,10 @@ mod tests {
             connection_names_identity(&map(&[("connection", "close, X_Auth_User_Id")])),
             Some("x_auth_user_id".into())
         );
-        assert_eq!(connection_names_identity(&map(&[("connection", "X-Foo")])), None);
+        assert_eq!(
+            connection_names_identity(&map(&[("connection", "X-Foo")])),
+            None
+        );
     }
 
     #[test]
@@ -223,7 +226,9 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_only_when_plain() {
-        assert!(acceptable_request_id(&HeaderValue::from_static("abc-123_x.y")));
+        assert!(acceptable_request_id(&HeaderValue::from_static(
+            "abc-123_x.y"
+        )));
         assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
         assert!(!acceptable_request_id(&HeaderValue::from_static("")));
         let long = HeaderValue::from_str(&"a".repeat(129)).unwrap();

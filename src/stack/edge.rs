@@ -110,7 +110,9 @@ where
             let logged_path = LoggedPath::default();
             let method = request.method().clone();
             let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer);
-            request.extensions_mut().insert(RequestId(request_id.clone()));
+            request
+                .extensions_mut()
+                .insert(RequestId(request_id.clone()));
             request.extensions_mut().insert(slot.clone());
             request.extensions_mut().insert(logged_path.clone());
 
@@ -129,7 +131,10 @@ where
                     };
                     let fault = err.fault();
                     let reason = err.reason();
-                    (err.into_response(request_id_text), Some((text, fault, reason)))
+                    (
+                        err.into_response(request_id_text),
+                        Some((text, fault, reason)),
+                    )
                 }
             };
             response
@@ -144,7 +149,10 @@ where
             };
             let elapsed = started.elapsed();
             if let (Some(decision), Some(reason)) = (decision_label, reason_label) {
-                metrics.decisions.with_label_values(&[decision, reason]).inc();
+                metrics
+                    .decisions
+                    .with_label_values(&[decision, reason])
+                    .inc();
                 metrics
                     .request_duration
                     .with_label_values(&[decision])
@@ -152,8 +160,14 @@ where
             }
 
             let path = logged_path.0.get().map(|p| &**p).unwrap_or("-");
-            let user_id = decision.as_ref().and_then(|d| d.user_id.as_deref()).unwrap_or("-");
-            let rule = decision.as_ref().and_then(|d| d.rule.as_deref()).unwrap_or("-");
+            let user_id = decision
+                .as_ref()
+                .and_then(|d| d.user_id.as_deref())
+                .unwrap_or("-");
+            let rule = decision
+                .as_ref()
+                .and_then(|d| d.rule.as_deref())
+                .unwrap_or("-");
             let status = response.status().as_u16();
             let latency_ms = elapsed.as_secs_f64() * 1000.0;
             let peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();

@@ -102,7 +102,8 @@ fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str
             "Connection header names an identity header",
         ));
     }
-    let normal = path::normalize(request.uri().path()).map_err(|err| GatewayError::bad_request(err.to_string()))?;
+    let normal = path::normalize(request.uri().path())
+        .map_err(|err| GatewayError::bad_request(err.to_string()))?;
     Ok(Arc::from(normal.as_ref()))
 }
 

@@ -53,7 +53,11 @@ fn config_errors_exit_64_with_one_line_naming_the_key() {
                 .arg(&path)
                 .output()
                 .unwrap();
-            assert_eq!(output.status.code(), Some(64), "{command} {text:?}: {output:?}");
+            assert_eq!(
+                output.status.code(),
+                Some(64),
+                "{command} {text:?}: {output:?}"
+            );
             let stderr = String::from_utf8(output.stderr).unwrap();
             assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
             assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
@@ -88,7 +92,14 @@ struct Process {
 impl Process {
     async fn start(config: &std::path::Path) -> (Process, String, String) {
         let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "--log-level", "debug", "run", "--config"])
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "run",
+                "--config",
+            ])
             .arg(config)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -145,17 +156,37 @@ async fn run_logs_one_decision_event_per_request_and_never_a_token() {
     let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
     let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), "[cache]\nttl = \"200ms\"\nstale_if_error = \"0s\"\n"));
+    let config = write_config(
+        &dir,
+        &config_text(
+            &sim.url(),
+            &upstream.url(),
+            "[cache]\nttl = \"200ms\"\nstale_if_error = \"0s\"\n",
+        ),
+    );
     let (process, listen, admin) = Process::start(&config).await;
 
-    let token = |name: &str| users.iter().find(|u| u.user_name == name).unwrap().token.clone();
+    let token = |name: &str| {
+        users
+            .iter()
+            .find(|u| u.user_name == name)
+            .unwrap()
+            .token
+            .clone()
+    };
     let url = format!("http://{listen}/app/page");
     let mut tokens = Vec::new();
     for name in ["alice", "bob", "carol"] {
         let t = token(name);
         send(Method::GET, &url, &[("x-auth-token", &t)], Bytes::new()).await;
         let bearer = format!("Bearer {t}");
-        send(Method::GET, &url, &[("authorization", &bearer)], Bytes::new()).await;
+        send(
+            Method::GET,
+            &url,
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
         tokens.push(t);
     }
     let bogus = "bogus-token-0123456789abcdef".to_string();
@@ -166,12 +197,25 @@ async fn run_logs_one_decision_event_per_request_and_never_a_token() {
     // IAM failures log their cause: still no token in it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     sim.set_fault(Some(Api::VerifyToken), Some(Fault::Status(500)));
-    let answer = send(Method::GET, &url, &[("x-auth-token", &tokens[0])], Bytes::new()).await;
+    let answer = send(
+        Method::GET,
+        &url,
+        &[("x-auth-token", &tokens[0])],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(!answer.text().contains(&tokens[0]));
     sim.set_fault(None, None);
 
-    let metrics = send(Method::GET, &format!("http://{admin}/metrics"), &[], Bytes::new()).await.text();
+    let metrics = send(
+        Method::GET,
+        &format!("http://{admin}/metrics"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
     let (code, lines) = process.terminate().await;
     assert_eq!(code, Some(0), "SIGTERM exits 0");
 
@@ -189,7 +233,11 @@ async fn run_logs_one_decision_event_per_request_and_never_a_token() {
         .filter(|e| e["target"] == "mfa_gate::access")
         .collect();
     assert_eq!(decisions.len(), 8, "one event per request");
-    let alice_id = &users.iter().find(|u| u.user_name == "alice").unwrap().user_id;
+    let alice_id = &users
+        .iter()
+        .find(|u| u.user_name == "alice")
+        .unwrap()
+        .user_id;
     let first = &decisions[0];
     assert_eq!(first["decision"], "allow");
     assert_eq!(first["reason"], "mfa_verified");
@@ -219,7 +267,13 @@ async fn sigterm_drains_requests_in_flight() {
     for _ in 0..4 {
         let (url, token) = (url.clone(), token.clone());
         requests.push(tokio::spawn(async move {
-            send(Method::GET, &url, &[("x-auth-token", &token), ("x-echo-delay-ms", "800")], Bytes::new()).await
+            send(
+                Method::GET,
+                &url,
+                &[("x-auth-token", &token), ("x-echo-delay-ms", "800")],
+                Bytes::new(),
+            )
+            .await
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -12,7 +12,12 @@ use crate::support::{raw, raw_status, send, Harness};
 const ALLOW_MFA: &str = "mfa_gate_decisions_total{decision=\"allow\",reason=\"mfa_verified\"}";
 const DENY_NO_MFA: &str = "mfa_gate_decisions_total{decision=\"deny\",reason=\"no_mfa\"}";
 
-fn user(name: &str, device: bool, login_protect: Option<(bool, &str)>, methods: &[&str]) -> SimUser {
+fn user(
+    name: &str,
+    device: bool,
+    login_protect: Option<(bool, &str)>,
+    methods: &[&str],
+) -> SimUser {
     SimUser {
         user_id: format!("{name}-0123456789abcdef0123456789ab"),
         user_name: name.into(),
@@ -32,11 +37,26 @@ async fn user_with_mfa_device_is_forwarded_with_identity() {
     let alice = h.user("alice").clone();
     let answer = h.get_as("/app", "alice").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-    assert_eq!(answer.seen_header("x-auth-user-id"), Some(alice.user_id.clone()));
-    assert_eq!(answer.seen_header("x-auth-user-name"), Some(alice.user_name.clone()));
-    assert_eq!(answer.seen_header("x-auth-domain-id"), Some(alice.domain_id.clone()));
-    assert_eq!(answer.seen_header("x-auth-domain-name"), Some(alice.domain_name.clone()));
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("mfa_device"));
+    assert_eq!(
+        answer.seen_header("x-auth-user-id"),
+        Some(alice.user_id.clone())
+    );
+    assert_eq!(
+        answer.seen_header("x-auth-user-name"),
+        Some(alice.user_name.clone())
+    );
+    assert_eq!(
+        answer.seen_header("x-auth-domain-id"),
+        Some(alice.domain_id.clone())
+    );
+    assert_eq!(
+        answer.seen_header("x-auth-domain-name"),
+        Some(alice.domain_name.clone())
+    );
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("mfa_device")
+    );
     // require = "mfa_device" needs no login-protect lookup.
     assert_eq!(h.sim.calls(Api::VerifyToken), 1);
     assert_eq!(h.sim.calls(Api::MfaDevice), 1);
@@ -48,8 +68,16 @@ async fn user_with_mfa_device_is_forwarded_with_identity() {
     let answer = h.get_as("/app", "alice").await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(h.sim.calls(Api::VerifyToken), 1);
-    assert_eq!(h.metric("mfa_gate_cache_lookups_total{result=\"hit\"}").await, 1.0);
-    assert_eq!(h.metric("mfa_gate_cache_lookups_total{result=\"miss\"}").await, 1.0);
+    assert_eq!(
+        h.metric("mfa_gate_cache_lookups_total{result=\"hit\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric("mfa_gate_cache_lookups_total{result=\"miss\"}")
+            .await,
+        1.0
+    );
     assert_eq!(h.metric(ALLOW_MFA).await, 2.0);
 }
 
@@ -65,7 +93,10 @@ async fn users_without_mfa_get_403_and_nothing_reaches_the_upstream() {
             body["error_msg"],
             "MFA is required: bind a virtual MFA device to your IAM user"
         );
-        assert_eq!(body["request_id"], answer.headers["x-request-id"].to_str().unwrap());
+        assert_eq!(
+            body["request_id"],
+            answer.headers["x-request-id"].to_str().unwrap()
+        );
     }
     assert_eq!(h.upstream.request_count(), 0);
     assert_eq!(h.metric(DENY_NO_MFA).await, 2.0);
@@ -77,7 +108,10 @@ async fn missing_and_invalid_tokens_get_401_with_www_authenticate() {
     let answer = h.get("/app", &[]).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
     assert_eq!(answer.error_code(), "MFAGATE.NO_TOKEN");
-    assert!(answer.headers["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+    assert!(answer.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
 
     let answer = h.get("/app", &[("x-auth-token", "no-such-token")]).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
@@ -89,7 +123,9 @@ async fn missing_and_invalid_tokens_get_401_with_www_authenticate() {
     assert_eq!(h.sim.calls(Api::VerifyToken), 1);
 
     // A basic-auth header is no token; an absurd token is refused before any IAM call.
-    let answer = h.get("/app", &[("authorization", "Basic dXNlcjpwdw==")]).await;
+    let answer = h
+        .get("/app", &[("authorization", "Basic dXNlcjpwdw==")])
+        .await;
     assert_eq!(answer.error_code(), "MFAGATE.NO_TOKEN");
     let long = "x".repeat(17 * 1024);
     let answer = h.get("/app", &[("x-auth-token", &long)]).await;
@@ -102,11 +138,13 @@ async fn missing_and_invalid_tokens_get_401_with_www_authenticate() {
     assert_eq!(h.sim.calls(Api::VerifyToken), 1);
     assert_eq!(h.upstream.request_count(), 0);
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"invalid_token\"}").await,
+        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"invalid_token\"}")
+            .await,
         3.0
     );
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"no_token\"}").await,
+        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"no_token\"}")
+            .await,
         2.0
     );
 }
@@ -127,7 +165,10 @@ async fn require_login_protect_counts_only_the_configured_methods() {
     let h = Harness::with_config("[policy]\nrequire = \"login_protect\"\n").await;
     let answer = h.get_as("/", "alice").await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("login_protect:vmfa"));
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("login_protect:vmfa")
+    );
     // bob protects his login with SMS only, which does not count by default.
     assert_eq!(h.get_as("/", "bob").await.status, StatusCode::FORBIDDEN);
     // carol never configured login protection: the IAM answers 404 "Iam.0004" (seed page
@@ -136,7 +177,8 @@ async fn require_login_protect_counts_only_the_configured_methods() {
     assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.text());
     assert_eq!(h.sim.calls(Api::MfaDevice), 0);
     assert_eq!(
-        h.metric("mfa_gate_iam_requests_total{api=\"login_protect\",outcome=\"not_found\"}").await,
+        h.metric("mfa_gate_iam_requests_total{api=\"login_protect\",outcome=\"not_found\"}")
+            .await,
         1.0
     );
 
@@ -146,7 +188,10 @@ async fn require_login_protect_counts_only_the_configured_methods() {
     .await;
     let answer = h.get_as("/", "bob").await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("login_protect:sms"));
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("login_protect:sms")
+    );
 }
 
 #[tokio::test]
@@ -161,11 +206,17 @@ async fn require_any_and_all() {
         async move { send(Method::GET, &url, &[("x-auth-token", &token)], Bytes::new()).await }
     };
     let answer = get(h.token("alice")).await;
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("mfa_device,login_protect:vmfa"));
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("mfa_device,login_protect:vmfa")
+    );
     assert_eq!(get(device_only.token.clone()).await.status, StatusCode::OK);
     let answer = get(vmfa_only.token.clone()).await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("login_protect:vmfa"));
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("login_protect:vmfa")
+    );
     assert_eq!(get(h.token("carol")).await.status, StatusCode::FORBIDDEN);
 
     let h2 = Harness::with_config("[policy]\nrequire = \"all\"\n").await;
@@ -199,7 +250,8 @@ async fn report_only_forwards_but_counts_the_denial() {
     assert_eq!(answer.seen_header("x-auth-user-id"), Some(carol.user_id));
     assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("none"));
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"report_only\"}").await,
+        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"report_only\"}")
+            .await,
         1.0
     );
     // Users with MFA are still reported as verified.
@@ -249,9 +301,18 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
     headers.push(("x-auth-token", &alice.token));
     let answer = h.get("/app", &headers).await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.seen_header("x-auth-user-id"), Some(alice.user_id.clone()));
-    assert_eq!(answer.seen_header("x-auth-domain-id"), Some(alice.domain_id.clone()));
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("mfa_device"));
+    assert_eq!(
+        answer.seen_header("x-auth-user-id"),
+        Some(alice.user_id.clone())
+    );
+    assert_eq!(
+        answer.seen_header("x-auth-domain-id"),
+        Some(alice.domain_id.clone())
+    );
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("mfa_device")
+    );
     assert_eq!(answer.seen_header("x-http-method-override"), None);
 
     // And a user without MFA cannot dress up as one with it.
@@ -266,7 +327,10 @@ async fn connection_header_cannot_strip_identity_headers() {
     let h = Harness::start().await;
     let token = h.token("alice");
     let answer = h
-        .get("/", &[("x-auth-token", &token), ("connection", "X-Auth-User-Id")])
+        .get(
+            "/",
+            &[("x-auth-token", &token), ("connection", "X-Auth-User-Id")],
+        )
         .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(h.upstream.request_count(), 0);
@@ -297,7 +361,8 @@ async fn path_tricks_never_bypass_the_allowlist() {
         ("/status/", 401),
         ("/status;x", 401),
         ("/admin?/public/x", 401),
-        ("/admin#/public/x", 400),
+        // hyper drops a fragment while parsing the request target: judged as /admin.
+        ("/admin#/public/x", 401),
         ("//public/x", 200),
         ("/x/../public/y", 200),
         ("/public/%41", 200),
@@ -335,17 +400,27 @@ async fn allowlisted_requests_carry_no_identity() {
     // Method matters.
     let answer = send(Method::POST, &h.url("/healthz"), &[], Bytes::new()).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(h.metric("mfa_gate_allowlist_matches_total{rule=\"health\"}").await, 1.0);
-    assert_eq!(h.metric("mfa_gate_allowlist_matches_total{rule=\"office\"}").await, 1.0);
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"allowlisted\"}").await,
+        h.metric("mfa_gate_allowlist_matches_total{rule=\"health\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric("mfa_gate_allowlist_matches_total{rule=\"office\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"allowlisted\"}")
+            .await,
         2.0
     );
 }
 
 #[tokio::test]
 async fn identity_rules_exempt_break_glass_users_from_mfa() {
-    let h = Harness::with_config("[[allow]]\nname = \"break-glass\"\nuser_names = [\"carol\"]\n").await;
+    let h =
+        Harness::with_config("[[allow]]\nname = \"break-glass\"\nuser_names = [\"carol\"]\n").await;
     let carol = h.user("carol").clone();
     let answer = h.get_as("/", "carol").await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -354,20 +429,27 @@ async fn identity_rules_exempt_break_glass_users_from_mfa() {
     // Still needs a valid token.
     assert_eq!(h.get("/", &[]).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(h.get_as("/", "bob").await.status, StatusCode::FORBIDDEN);
-    assert_eq!(h.metric("mfa_gate_allowlist_matches_total{rule=\"break-glass\"}").await, 1.0);
+    assert_eq!(
+        h.metric("mfa_gate_allowlist_matches_total{rule=\"break-glass\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn concurrent_misses_for_one_token_make_one_fetch() {
     let h = Harness::with_config("[policy]\nrequire = \"any\"\n").await;
-    h.sim.set_fault(None, Some(Fault::Latency(Duration::from_millis(200))));
+    h.sim
+        .set_fault(None, Some(Fault::Latency(Duration::from_millis(200))));
     let token = h.token("alice");
     let url = h.url("/");
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let (url, token) = (url.clone(), token.clone());
         tasks.push(tokio::spawn(async move {
-            send(Method::GET, &url, &[("x-auth-token", &token)], Bytes::new()).await.status
+            send(Method::GET, &url, &[("x-auth-token", &token)], Bytes::new())
+                .await
+                .status
         }));
     }
     for task in tasks {
@@ -383,7 +465,8 @@ async fn concurrent_misses_for_one_token_make_one_fetch() {
 #[tokio::test]
 async fn a_client_hanging_up_does_not_abort_the_shared_lookup() {
     let h = Harness::start().await;
-    h.sim.set_fault(None, Some(Fault::Latency(Duration::from_millis(300))));
+    h.sim
+        .set_fault(None, Some(Fault::Latency(Duration::from_millis(300))));
     let token = h.token("alice");
     // The first client gives up before the IAM answers.
     let impatient = {
@@ -429,7 +512,8 @@ async fn users_without_mfa_are_cached_only_for_negative_ttl() {
     let carol = h.user("carol").clone();
     assert_eq!(h.get_as("/", "carol").await.status, StatusCode::FORBIDDEN);
     // carol binds a device; within negative_ttl the old answer stands...
-    h.sim.set_mfa_device(&carol.user_id, Some("iam/mfa/carol".into()));
+    h.sim
+        .set_mfa_device(&carol.user_id, Some("iam/mfa/carol".into()));
     assert_eq!(h.get_as("/", "carol").await.status, StatusCode::FORBIDDEN);
     assert_eq!(h.sim.calls(Api::VerifyToken), 1);
     // ...and right after it she is let in.
@@ -473,26 +557,38 @@ async fn iam_failures_fail_closed_with_503() {
         );
         // Never cached: once the IAM recovers, the next request goes through.
         h.sim.set_fault(None, None);
-        assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK, "{fault:?}");
+        assert_eq!(
+            h.get_as("/", "alice").await.status,
+            StatusCode::OK,
+            "{fault:?}"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_failing_mfa_lookup_is_not_read_as_no_mfa_or_mfa() {
     let h = Harness::start().await;
-    h.sim.set_fault(Some(Api::MfaDevice), Some(Fault::Status(500)));
+    h.sim
+        .set_fault(Some(Api::MfaDevice), Some(Fault::Status(500)));
     let answer = h.get_as("/", "alice").await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-    h.sim.set_fault(Some(Api::MfaDevice), Some(Fault::OtherUser));
+    h.sim
+        .set_fault(Some(Api::MfaDevice), Some(Fault::OtherUser));
     let answer = h.get_as("/", "carol").await;
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.text());
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.text()
+    );
     assert_eq!(h.upstream.request_count(), 0);
 }
 
 #[tokio::test]
 async fn verify_answers_about_another_user_are_not_trusted_blindly() {
     let h = Harness::start().await;
-    h.sim.set_fault(Some(Api::VerifyToken), Some(Fault::OtherUser));
+    h.sim
+        .set_fault(Some(Api::VerifyToken), Some(Fault::OtherUser));
     let answer = h.get_as("/", "carol").await;
     // Either refused outright or judged as the user the IAM named; never carol with MFA.
     assert_ne!(
@@ -505,25 +601,41 @@ async fn verify_answers_about_another_user_are_not_trusted_blindly() {
 
 #[tokio::test]
 async fn stale_entries_serve_while_the_iam_fails_within_stale_if_error() {
-    let h = Harness::with_config("[cache]\nttl = \"300ms\"\nstale_if_error = \"30s\"\n").await;
+    let h = Harness::with_config(
+        "[cache]\nttl = \"300ms\"\nnegative_ttl = \"300ms\"\nstale_if_error = \"30s\"\n",
+    )
+    .await;
     assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK);
     assert_eq!(h.get_as("/", "carol").await.status, StatusCode::FORBIDDEN);
     tokio::time::sleep(Duration::from_millis(400)).await;
     h.sim.set_fault(None, Some(Fault::Status(500)));
     let answer = h.get_as("/", "alice").await;
     assert_eq!(answer.status, StatusCode::OK);
-    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("mfa_device"));
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("mfa_device")
+    );
     // A stale deny stays a deny.
     assert_eq!(h.get_as("/", "carol").await.status, StatusCode::FORBIDDEN);
-    assert_eq!(h.metric("mfa_gate_cache_lookups_total{result=\"stale\"}").await, 2.0);
+    assert_eq!(
+        h.metric("mfa_gate_cache_lookups_total{result=\"stale\"}")
+            .await,
+        2.0
+    );
     // A token never seen before has nothing stale to fall back on.
-    assert_eq!(h.get_as("/", "bob").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        h.get_as("/", "bob").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 
     let h = Harness::with_config("[cache]\nttl = \"300ms\"\nstale_if_error = \"0s\"\n").await;
     assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(400)).await;
     h.sim.set_fault(None, Some(Fault::Status(500)));
-    assert_eq!(h.get_as("/", "alice").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        h.get_as("/", "alice").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 }
 
 #[tokio::test]
@@ -535,7 +647,8 @@ async fn on_iam_error_allow_fails_open_without_identity() {
     assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("none"));
     assert_eq!(answer.seen_header("x-auth-user-id"), None);
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"iam_unavailable\"}").await,
+        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"iam_unavailable\"}")
+            .await,
         1.0
     );
     // Fail-open is for IAM failures only: no token is still 401.
@@ -559,7 +672,13 @@ async fn purge_drops_cached_entries() {
 
     let answer = send(Method::POST, &purge, &[], Bytes::new()).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
-    let answer = send(Method::POST, &purge, &[("authorization", "Bearer wrong")], Bytes::new()).await;
+    let answer = send(
+        Method::POST,
+        &purge,
+        &[("authorization", "Bearer wrong")],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
 
     let auth = [("authorization", "Bearer admin-secret")];
@@ -567,11 +686,21 @@ async fn purge_drops_cached_entries() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.json()["purged"], 1);
     assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK);
-    assert_eq!(h.sim.calls(Api::VerifyToken), 3, "alice fetched again after the purge");
+    assert_eq!(
+        h.sim.calls(Api::VerifyToken),
+        3,
+        "alice fetched again after the purge"
+    );
     assert_eq!(h.get_as("/", "bob").await.status, StatusCode::FORBIDDEN);
     assert_eq!(h.sim.calls(Api::VerifyToken), 3, "bob still cached");
 
-    let answer = send(Method::POST, &h.admin_url("/admin/cache/purge"), &auth, Bytes::new()).await;
+    let answer = send(
+        Method::POST,
+        &h.admin_url("/admin/cache/purge"),
+        &auth,
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(answer.json()["purged"], 2);
     assert_eq!(h.get_as("/", "bob").await.status, StatusCode::FORBIDDEN);
     assert_eq!(h.sim.calls(Api::VerifyToken), 4);
@@ -585,19 +714,38 @@ async fn decision_endpoint_answers_without_forwarding() {
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.headers["x-auth-user-id"], alice.user_id.as_str());
     assert_eq!(answer.headers["x-auth-mfa"], "mfa_device");
-    assert_eq!(h.get_as("/.mfa-gate/auth", "carol").await.status, StatusCode::FORBIDDEN);
-    assert_eq!(h.get("/.mfa-gate/auth", &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        h.get_as("/.mfa-gate/auth", "carol").await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.get("/.mfa-gate/auth", &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     // The original request from a trusted proxy (127.0.0.1 by default) goes through the
     // allowlist, after normalisation.
     let answer = h
-        .get("/.mfa-gate/auth", &[("x-forwarded-uri", "/public/x?y=1"), ("x-forwarded-method", "GET")])
+        .get(
+            "/.mfa-gate/auth",
+            &[
+                ("x-forwarded-uri", "/public/x?y=1"),
+                ("x-forwarded-method", "GET"),
+            ],
+        )
         .await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.headers["x-auth-mfa"], "none");
     assert!(answer.headers.get("x-auth-user-id").is_none());
-    let answer = h.get("/.mfa-gate/auth", &[("x-original-uri", "/public/../admin")]).await;
+    let answer = h
+        .get("/.mfa-gate/auth", &[("x-original-uri", "/public/../admin")])
+        .await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
-    let answer = h.get("/.mfa-gate/auth", &[("x-original-uri", "/public/..;/admin")]).await;
+    let answer = h
+        .get(
+            "/.mfa-gate/auth",
+            &[("x-original-uri", "/public/..;/admin")],
+        )
+        .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(h.upstream.request_count(), 0);
 
@@ -606,7 +754,9 @@ async fn decision_endpoint_answers_without_forwarding() {
         "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n[[allow]]\nname = \"public\"\npaths = [\"/public/**\"]\n",
     )
     .await;
-    let answer = h.get("/.mfa-gate/auth", &[("x-forwarded-uri", "/public/x")]).await;
+    let answer = h
+        .get("/.mfa-gate/auth", &[("x-forwarded-uri", "/public/x")])
+        .await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -629,7 +779,10 @@ async fn metrics_count_every_decision_and_iam_call() {
         "mfa_gate_config_reloads_total",
         "mfa_gate_build_info",
     ] {
-        assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing");
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
     }
     assert!(text.contains("mfa_gate_allowlist_matches_total{rule=\"health\"} 0"));
 
@@ -645,18 +798,45 @@ async fn metrics_count_every_decision_and_iam_call() {
     let value = |s: &str| crate::support::metric_value(&text, s);
     assert_eq!(value(ALLOW_MFA), 3.0);
     assert_eq!(value(DENY_NO_MFA), 2.0);
-    assert_eq!(value("mfa_gate_decisions_total{decision=\"deny\",reason=\"no_token\"}"), 1.0);
-    assert_eq!(value("mfa_gate_decisions_total{decision=\"allow\",reason=\"allowlisted\"}"), 1.0);
-    assert_eq!(value("mfa_gate_request_duration_seconds_count{decision=\"allow\"}"), 4.0);
-    assert_eq!(value("mfa_gate_request_duration_seconds_count{decision=\"deny\"}"), 3.0);
-    assert_eq!(value("mfa_gate_iam_requests_total{api=\"verify_token\",outcome=\"ok\"}"), 2.0);
-    assert_eq!(value("mfa_gate_iam_requests_total{api=\"mfa_device\",outcome=\"ok\"}"), 1.0);
-    assert_eq!(value("mfa_gate_iam_requests_total{api=\"mfa_device\",outcome=\"not_found\"}"), 1.0);
-    assert_eq!(value("mfa_gate_iam_request_duration_seconds_count{api=\"verify_token\"}"), 2.0);
+    assert_eq!(
+        value("mfa_gate_decisions_total{decision=\"deny\",reason=\"no_token\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("mfa_gate_decisions_total{decision=\"allow\",reason=\"allowlisted\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("mfa_gate_request_duration_seconds_count{decision=\"allow\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("mfa_gate_request_duration_seconds_count{decision=\"deny\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("mfa_gate_iam_requests_total{api=\"verify_token\",outcome=\"ok\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("mfa_gate_iam_requests_total{api=\"mfa_device\",outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("mfa_gate_iam_requests_total{api=\"mfa_device\",outcome=\"not_found\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("mfa_gate_iam_request_duration_seconds_count{api=\"verify_token\"}"),
+        2.0
+    );
     assert_eq!(value("mfa_gate_cache_lookups_total{result=\"miss\"}"), 2.0);
     assert_eq!(value("mfa_gate_cache_lookups_total{result=\"hit\"}"), 3.0);
     assert_eq!(value("mfa_gate_cache_entries"), 2.0);
-    assert_eq!(value("mfa_gate_upstream_responses_total{class=\"2xx\"}"), 4.0);
+    assert_eq!(
+        value("mfa_gate_upstream_responses_total{class=\"2xx\"}"),
+        4.0
+    );
     assert_eq!(value("mfa_gate_upstream_duration_seconds_count"), 4.0);
     assert_eq!(value("mfa_gate_inflight_requests"), 0.0);
     assert_eq!(value("mfa_gate_build_info{version=\"0.1.0\"}"), 1.0);

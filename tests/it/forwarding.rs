@@ -34,8 +34,14 @@ async fn forwards_method_path_query_headers_and_body() {
     assert_eq!(seen["uri"], "/api/items/7?a=1&b=two%20words");
     assert_eq!(seen["body_bytes"], 14);
     assert_eq!(answer.seen_header("x-custom").as_deref(), Some("kept"));
-    assert_eq!(answer.seen_header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
-    assert_eq!(answer.seen_header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(
+        answer.seen_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        answer.seen_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
     assert_eq!(
         answer.seen_header("x-forwarded-host"),
         Some(h.addr().to_string())
@@ -43,7 +49,9 @@ async fn forwards_method_path_query_headers_and_body() {
     assert_eq!(answer.seen_header("host"), Some(h.addr().to_string()));
     // The token is forwarded unchanged by default (token.forward = true).
     assert_eq!(answer.seen_header("x-auth-token"), Some(token));
-    let request_id = answer.seen_header("x-request-id").expect("a request id upstream");
+    let request_id = answer
+        .seen_header("x-request-id")
+        .expect("a request id upstream");
     assert_eq!(request_id.len(), 36, "a fresh UUID: {request_id}");
     assert_eq!(answer.headers["x-request-id"], request_id.as_str());
 }
@@ -64,13 +72,28 @@ async fn x_forwarded_for_is_appended_and_request_id_kept_only_when_plain() {
             ],
         )
         .await;
-    assert_eq!(answer.seen_header("x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.1"));
-    assert_eq!(answer.seen_header("x-request-id").as_deref(), Some("trace-abc.123_x"));
-    assert_eq!(answer.seen_header("x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(answer.seen_header("x-forwarded-host"), Some(h.addr().to_string()));
+    assert_eq!(
+        answer.seen_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(
+        answer.seen_header("x-request-id").as_deref(),
+        Some("trace-abc.123_x")
+    );
+    assert_eq!(
+        answer.seen_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+    assert_eq!(
+        answer.seen_header("x-forwarded-host"),
+        Some(h.addr().to_string())
+    );
 
     let answer = h
-        .get("/", &[("x-auth-token", &token), ("x-request-id", "has space")])
+        .get(
+            "/",
+            &[("x-auth-token", &token), ("x-request-id", "has space")],
+        )
         .await;
     let id = answer.seen_header("x-request-id").unwrap();
     assert_ne!(id, "has space");
@@ -178,7 +201,10 @@ async fn large_bodies_stream_both_ways() {
     let answer = h
         .get(
             "/download",
-            &[("x-auth-token", &token), ("x-echo-size", &download.to_string())],
+            &[
+                ("x-auth-token", &token),
+                ("x-echo-size", &download.to_string()),
+            ],
         )
         .await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -198,10 +224,15 @@ async fn upstream_down_is_a_json_502() {
     assert_eq!(answer.error_code(), "MFAGATE.UPSTREAM_UNAVAILABLE");
     assert_eq!(answer.headers["content-type"], "application/json");
     assert!(answer.json()["request_id"].as_str().unwrap().len() >= 32);
-    assert_eq!(h.metric("mfa_gate_upstream_responses_total{class=\"error\"}").await, 1.0);
+    assert_eq!(
+        h.metric("mfa_gate_upstream_responses_total{class=\"error\"}")
+            .await,
+        1.0
+    );
     // The decision was allow; the upstream failure is not a second decision.
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"mfa_verified\"}").await,
+        h.metric("mfa_gate_decisions_total{decision=\"allow\",reason=\"mfa_verified\"}")
+            .await,
         1.0
     );
 }
@@ -212,12 +243,19 @@ async fn slow_upstream_is_a_json_504() {
     let token = h.token("alice");
     let started = std::time::Instant::now();
     let answer = h
-        .get("/", &[("x-auth-token", &token), ("x-echo-delay-ms", "3000")])
+        .get(
+            "/",
+            &[("x-auth-token", &token), ("x-echo-delay-ms", "3000")],
+        )
         .await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(answer.error_code(), "MFAGATE.UPSTREAM_TIMEOUT");
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(h.metric("mfa_gate_upstream_responses_total{class=\"timeout\"}").await, 1.0);
+    assert_eq!(
+        h.metric("mfa_gate_upstream_responses_total{class=\"timeout\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -225,7 +263,9 @@ async fn oversized_header_blocks_get_431_and_the_gateway_keeps_serving() {
     let h = Harness::with_config("[server]\nmax_header_bytes = 4096\n").await;
     let token = h.token("alice");
     let big = "a".repeat(6000);
-    let answer = h.get("/", &[("x-auth-token", &token), ("x-big", &big)]).await;
+    let answer = h
+        .get("/", &[("x-auth-token", &token), ("x-big", &big)])
+        .await;
     assert_eq!(answer.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(answer.error_code(), "MFAGATE.BAD_REQUEST");
 
@@ -254,7 +294,11 @@ async fn content_length_with_transfer_encoding_is_never_forwarded() {
     );
     let answer = raw(h.addr(), smuggle.as_bytes(), Duration::from_secs(2)).await;
     assert_eq!(raw_status(&answer), 400, "{answer}");
-    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "one answer only: {answer}");
+    assert_eq!(
+        answer.matches("HTTP/1.1").count(),
+        1,
+        "one answer only: {answer}"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         h.upstream.requests().is_empty(),
@@ -267,11 +311,17 @@ async fn content_length_with_transfer_encoding_is_never_forwarded() {
 async fn requests_refused_before_any_decision() {
     let h = Harness::start().await;
     let cases: [(&str, u16); 5] = [
-        ("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            405,
+        ),
         ("OPTIONS * HTTP/1.1\r\nHost: gw\r\n\r\n", 400),
         ("GET / HTTP/1.1\r\n\r\n", 400),
         ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-        ("GET / HTTP/1.1\r\nHost: a\r\nX-Auth-Token: a\r\nX-Auth-Token: b\r\n\r\n", 400),
+        (
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Auth-Token: a\r\nX-Auth-Token: b\r\n\r\n",
+            400,
+        ),
     ];
     for (request, status) in cases {
         let answer = raw(h.addr(), request.as_bytes(), Duration::from_millis(500)).await;
@@ -282,7 +332,8 @@ async fn requests_refused_before_any_decision() {
     }
     assert_eq!(h.upstream.request_count(), 0);
     assert_eq!(
-        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"bad_request\"}").await,
+        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"bad_request\"}")
+            .await,
         5.0
     );
 }
@@ -291,7 +342,10 @@ async fn requests_refused_before_any_decision() {
 async fn headers_dribbled_past_the_read_timeout_close_the_connection() {
     let h = Harness::with_config("[server]\nheader_read_timeout = \"500ms\"\n").await;
     let mut stream = TcpStream::connect(h.addr()).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n").await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     // Keep dribbling one header byte every 200 ms; the gateway must cut us off anyway.
@@ -313,7 +367,10 @@ async fn headers_dribbled_past_the_read_timeout_close_the_connection() {
     assert!(closed, "connection still open after 5 s");
     assert!(started.elapsed() < Duration::from_secs(3));
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
     assert_eq!(h.upstream.request_count(), 0);
 }
 
@@ -389,7 +446,10 @@ async fn graceful_shutdown_lets_requests_in_flight_finish() {
     }
     tokio::time::sleep(Duration::from_millis(250)).await;
     let readyz = h.admin_url("/readyz");
-    assert_eq!(send(Method::GET, &readyz, &[], Bytes::new()).await.status, StatusCode::OK);
+    assert_eq!(
+        send(Method::GET, &readyz, &[], Bytes::new()).await.status,
+        StatusCode::OK
+    );
     let Harness {
         gateway,
         sim: _sim,
@@ -400,7 +460,13 @@ async fn graceful_shutdown_lets_requests_in_flight_finish() {
     let addr = gateway.addr;
     gateway.shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let readyz = send(Method::GET, &format!("http://{admin}/readyz"), &[], Bytes::new()).await;
+    let readyz = send(
+        Method::GET,
+        &format!("http://{admin}/readyz"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         TcpStream::connect(addr).await.is_err(),

@@ -184,7 +184,10 @@ impl Answer {
 
     /// The JSON `error_code` of one of the gateway's own answers.
     pub fn error_code(&self) -> String {
-        self.json()["error_code"].as_str().unwrap_or_default().to_string()
+        self.json()["error_code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The upstream's echo of the headers it received: `headers[name]`.
@@ -206,8 +209,7 @@ impl Answer {
 
 /// One HTTP/1.1 request through a fresh hyper client.
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Answer {
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut request = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
