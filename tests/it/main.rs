@@ -4,5 +4,9 @@
 mod support;
 
 mod cli;
+mod dashboards;
 mod enforce;
+mod faults;
 mod forwarding;
+mod hostile;
+mod properties;
