@@ -51,6 +51,13 @@ enum Command {
         #[arg(long, env = "MFA_GATE_CONFIG")]
         config: PathBuf,
     },
+    /// Probe a URL (e.g. the admin listener's /readyz): exit 0 on a 2xx answer within 2 s,
+    /// else 1. For container HEALTHCHECKs in images without a shell or curl.
+    Health {
+        /// The URL to probe (http only).
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
     /// Everything on loopback: an IAM simulator with demo users, a demo upstream and the
     /// gateway, with ready-to-paste curl commands.
     Dev {
@@ -141,6 +148,7 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             },
+            Command::Health { url } => health(&url).await,
             Command::Check { .. } => unreachable!("handled before the runtime starts"),
         }
     })
@@ -160,6 +168,38 @@ async fn run(config: Config) -> ExitCode {
     gateway.wait().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Exit 0 if `url` answers 2xx within two seconds.
+async fn health(url: &str) -> ExitCode {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let uri: http::Uri = match url.parse() {
+        Ok(uri) => uri,
+        Err(err) => {
+            eprintln!("mfa-gate: --url {url:?}: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let probe = client.get(uri);
+    match tokio::time::timeout(std::time::Duration::from_secs(2), probe).await {
+        Ok(Ok(response)) if response.status().is_success() => ExitCode::SUCCESS,
+        Ok(Ok(response)) => {
+            eprintln!("mfa-gate: {url} answered {}", response.status());
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Ok(Err(err)) => {
+            eprintln!("mfa-gate: {url}: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(_) => {
+            eprintln!("mfa-gate: {url}: no answer within 2 s");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

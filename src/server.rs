@@ -1,6 +1,8 @@
 //! The main listener: accept loop, HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS) through
 //! hyper-util's auto builder, connection limits, graceful drain.
 
+pub mod framing;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +16,8 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use crate::stack::edge::ConnInfo;
+
+use self::framing::{FramingObserver, FramingVerdicts, Observed};
 use crate::stack::GatewayService;
 
 /// hyper refuses a read buffer under 8 KiB.
@@ -29,6 +33,12 @@ pub struct ServeSettings {
     pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
 }
 
+/// hyper's read buffer: room for the guard to measure an over-long header block and answer
+/// 431 with a JSON body; blocks beyond this buffer get hyper's own bare 431.
+fn buf_size(settings: &ServeSettings) -> usize {
+    (settings.max_header_bytes + 16 * 1024).max(MIN_BUF_SIZE)
+}
+
 fn builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -36,9 +46,7 @@ fn builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         // Slowloris: a client dribbling its headers is cut off.
         .header_read_timeout(settings.header_read_timeout)
-        // Leaves room for the guard to measure the block and answer 431 with a JSON body;
-        // blocks beyond this buffer get hyper's own bare 431.
-        .max_buf_size((settings.max_header_bytes + 16 * 1024).max(MIN_BUF_SIZE))
+        .max_buf_size(buf_size(settings))
         .keep_alive(true);
     builder
         .http2()
@@ -78,11 +86,17 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
         }
-        let conn_info = ConnInfo { peer, proto };
+        let framing = FramingVerdicts::default();
+        let observer = FramingObserver::new(framing.clone(), buf_size(&settings));
+        let conn_info = ConnInfo {
+            peer,
+            proto,
+            framing,
+        };
         let svc = service.clone();
         let hyper_service =
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(conn_info);
+                request.extensions_mut().insert(conn_info.clone());
                 svc.clone().oneshot(request)
             });
         let builder = builder.clone();
@@ -90,7 +104,10 @@ pub async fn serve(
         match &settings.tls {
             None => {
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(Observed::new(stream, observer)),
+                        hyper_service,
+                    )
                     .into_owned();
                 let conn = watcher.watch(conn);
                 tokio::spawn(async move {
@@ -120,7 +137,10 @@ pub async fn serve(
                         }
                     };
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(Observed::new(stream, observer)),
+                            hyper_service,
+                        )
                         .into_owned();
                     if let Err(err) = watcher.watch(conn).await {
                         tracing::debug!(cause = %err, "connection ended with an error");

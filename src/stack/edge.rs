@@ -19,11 +19,13 @@ use crate::metrics::Metrics;
 use crate::proxy::{headers, Body};
 
 /// Where the connection came from; put into every request by the server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
+    /// What the framing observer saw of each HTTP/1 request head on this connection.
+    pub framing: crate::server::framing::FramingVerdicts,
 }
 
 /// The request id, chosen here so that even a refused request's answer carries one.

@@ -128,10 +128,19 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let conn = *request
+            let conn = request
                 .extensions()
                 .get::<ConnInfo>()
+                .cloned()
                 .ok_or(GatewayError::Internal("request without connection info"))?;
+            // hyper drops Content-Length when Transfer-Encoding is present; the framing
+            // observer saw the head as it arrived.
+            let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
+            if http1 && conn.framing.next_conflict() == Some(true) {
+                return Err(GatewayError::bad_framing(
+                    "Content-Length together with Transfer-Encoding",
+                ));
+            }
             let request_id = request
                 .extensions()
                 .get::<RequestId>()

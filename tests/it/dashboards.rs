@@ -1,0 +1,831 @@
+//! The operator's view (issue "Observability that operators trust"): the Grafana dashboard and the
+//! Prometheus rules in `dashboards/`, proven against a real Prometheus scraping a real gateway.
+//!
+//! Two tests need nothing but the files: the dashboard's shape (datasource variable, filters,
+//! `$__rate_interval`, a description on every panel, every metric family of CONTRACT §6 shown)
+//! and the alerts' documentation. The others need Debian's package `prometheus` (`prometheus` and
+//! `promtool` on `PATH`): without it they print a line and pass, unless
+//! `MFA_GATE_REQUIRE_PROMETHEUS=1` (as in CI) makes a missing binary a failure.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use mfa_gate::dev::iam_sim::{Api, Fault};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+use crate::support::{send, Answer, Harness};
+
+/// Every metric family of CONTRACT §6: each must be on the dashboard.
+const FAMILIES: [&str; 12] = [
+    "mfa_gate_decisions_total",
+    "mfa_gate_allowlist_matches_total",
+    "mfa_gate_request_duration_seconds",
+    "mfa_gate_iam_requests_total",
+    "mfa_gate_iam_request_duration_seconds",
+    "mfa_gate_cache_lookups_total",
+    "mfa_gate_cache_entries",
+    "mfa_gate_upstream_responses_total",
+    "mfa_gate_upstream_duration_seconds",
+    "mfa_gate_inflight_requests",
+    "mfa_gate_config_reloads_total",
+    "mfa_gate_build_info",
+];
+
+/// The filter every selector of the dashboard starts with, so that the job and instance
+/// variables narrow every panel.
+const FILTER: &str = r#"job=~"$job", instance=~"$instance""#;
+
+/// The only uid the dashboard may name: the datasource variable (a hard-coded datasource uid
+/// breaks the dashboard on every Grafana but the one it was exported from).
+const DATASOURCE_UID: &str = "${datasource}";
+
+/// A gateway with two request rules and short cache lifetimes, so that every scrape interval
+/// sees IAM calls, cache hits and misses, and allowlist matches.
+const TRAFFIC_CONFIG: &str = r#"
+[cache]
+ttl = "2s"
+negative_ttl = "2s"
+[[allow]]
+name = "probes"
+paths = ["/probe/**"]
+[[allow]]
+name = "static"
+paths = ["/static/**"]
+methods = ["GET"]
+"#;
+
+/// The decisions `drive` produces, as `(decision, reason)`. `report_only` needs a gateway in
+/// report-only mode and `allow`/`iam_unavailable` one that fails open: neither coexists with
+/// this enforcing, fail-closed gateway; both are initialised at 0 (§6), so every query still
+/// has its series.
+const DRIVEN: [(&str, &str); 7] = [
+    ("allow", "mfa_verified"),
+    ("allow", "allowlisted"),
+    ("deny", "iam_unavailable"),
+    ("deny", "no_token"),
+    ("deny", "invalid_token"),
+    ("deny", "no_mfa"),
+    ("deny", "bad_request"),
+];
+
+fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo_file(path)).unwrap_or_else(|err| panic!("{path}: {err}"))
+}
+
+fn dashboard() -> Value {
+    serde_json::from_str(&read("dashboards/mfa-gate.json"))
+        .unwrap_or_else(|err| panic!("dashboards/mfa-gate.json is not JSON: {err}"))
+}
+
+/// Every panel, rows' nested panels included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    fn walk<'a>(list: &'a Value, out: &mut Vec<&'a Value>) {
+        for panel in list.as_array().into_iter().flatten() {
+            out.push(panel);
+            walk(&panel["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    out
+}
+
+/// `(panel title, expr)` of every panel target.
+fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
+    panels(dashboard)
+        .into_iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or("(untitled)").to_string();
+            panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |target| Some((title.clone(), target["expr"].as_str()?.into())))
+        })
+        .collect()
+}
+
+/// `(annotation name, expr)` of the dashboard's Prometheus annotations.
+fn annotation_queries(dashboard: &Value) -> Vec<(String, String)> {
+    dashboard["annotations"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a["name"].as_str()?.into(), a["expr"].as_str()?.into())))
+        .collect()
+}
+
+/// A dashboard query as Grafana would send it with "All" selected: `$__rate_interval` is at
+/// least four scrape intervals, and 1m is that for the 1s scrapes of the test.
+fn promql(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("${job}", ".*")
+        .replace("$job", ".*")
+        .replace("${instance}", ".*")
+        .replace("$instance", ".*")
+}
+
+/// The `expr:` values of a Prometheus rule file: plain (`expr: up == 0`), quoted, or block
+/// scalars (`expr: |` and the more-indented lines after it). Just enough YAML for the rule files
+/// of this repository; `promtool check rules` is the real parser.
+fn rule_exprs(yaml: &str) -> Vec<String> {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let mut exprs = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        i += 1;
+        let body = line.trim_start();
+        let indent = line.len() - body.len();
+        let Some(value) = body.strip_prefix("expr:") else {
+            continue;
+        };
+        let value = value.trim();
+        if value.starts_with('|') || value.starts_with('>') {
+            let start = i;
+            while i < lines.len() {
+                let text = lines[i].trim_start();
+                if !text.is_empty() && lines[i].len() - text.len() <= indent {
+                    break;
+                }
+                i += 1;
+            }
+            let block: Vec<&str> = lines[start..i].iter().map(|l| l.trim()).collect();
+            exprs.push(block.join("\n").trim().to_string());
+        } else if let Some(inner) = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+            exprs.push(inner.replace("''", "'"));
+        } else if let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            exprs.push(inner.replace("\\\"", "\"").replace("\\\\", "\\"));
+        } else {
+            exprs.push(value.to_string());
+        }
+    }
+    exprs
+}
+
+/// The rule names of a rule file (`alert:` and `record:` values), in order.
+fn rule_names(yaml: &str) -> Vec<String> {
+    yaml.lines()
+        .filter_map(|line| {
+            let body = line.trim_start().strip_prefix("- ")?;
+            let name = body
+                .strip_prefix("alert:")
+                .or_else(|| body.strip_prefix("record:"))?;
+            Some(name.trim().to_string())
+        })
+        .collect()
+}
+
+/// The path of `name` on `PATH`. Missing: `None` (the caller skips) with a line saying so, or a
+/// failure when `MFA_GATE_REQUIRE_PROMETHEUS=1`.
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert_ne!(
+            std::env::var("MFA_GATE_REQUIRE_PROMETHEUS").as_deref(),
+            Ok("1"),
+            "`{name}` is not on PATH, and MFA_GATE_REQUIRE_PROMETHEUS=1 requires it: install \
+             Debian's package `prometheus` (apt-get install prometheus)"
+        );
+        println!(
+            "skipped: `{name}` is not on PATH (install Debian's package `prometheus` to run this \
+             test; MFA_GATE_REQUIRE_PROMETHEUS=1 makes its absence a failure)"
+        );
+    }
+    found
+}
+
+/// Runs a tool to completion: `(success, stdout + stderr)`.
+async fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|err| panic!("{}: {err}", program.display()));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).await.unwrap();
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{} {args:?} hung", program.display()))
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// `application/x-www-form-urlencoded` escaping of a query parameter value.
+fn url_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Whether a sample value of the Prometheus API (`[time, "value"]`) is a number, not NaN/±Inf.
+fn finite(sample: &Value) -> bool {
+    sample[1]
+        .as_str()
+        .and_then(|v| v.parse::<f64>().ok())
+        .is_some_and(f64::is_finite)
+}
+
+/// A Prometheus server of its own, in a temporary directory, scraping one gateway every second
+/// and evaluating `dashboards/alerts.yml` every second. Killed when dropped.
+struct Prometheus {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    async fn start(binary: &Path, gateway_admin: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 rule_files:\n  - {rules}\n\
+                 scrape_configs:\n  - job_name: mfa-gate\n    static_configs:\n      \
+                 - targets: ['{gateway_admin}']\n",
+                rules = repo_file("dashboards/alerts.yml").display(),
+            ),
+        )
+        .unwrap();
+        // A port that was free a moment ago; Prometheus cannot be told to pick one itself.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.path().join("prometheus.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {}: {err}", binary.display()));
+        let mut prometheus = Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        };
+        prometheus.wait_ready(port).await;
+        prometheus
+    }
+
+    async fn wait_ready(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("prometheus exited ({status}):\n{}", self.log_text());
+            }
+            let listening = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok();
+            if listening && self.get("/-/ready").await.status == StatusCode::OK {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready after 60s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn get(&self, path_and_query: &str) -> Answer {
+        send(
+            Method::GET,
+            &format!("{}{path_and_query}", self.url),
+            &[],
+            Bytes::new(),
+        )
+        .await
+    }
+
+    /// An instant query: `data` of the answer, or Prometheus' error (parse or execution).
+    async fn query(&self, expr: &str) -> Result<Value, String> {
+        let answer = self
+            .get(&format!("/api/v1/query?query={}", url_encode(expr)))
+            .await;
+        let body: Value = serde_json::from_slice(&answer.body).map_err(|err| {
+            format!(
+                "HTTP {}, not JSON ({err}): {}",
+                answer.status,
+                answer.text()
+            )
+        })?;
+        match body["status"].as_str() {
+            Some("success") => Ok(body["data"].clone()),
+            _ => Err(format!(
+                "{}: {}",
+                body["errorType"].as_str().unwrap_or("error"),
+                body["error"].as_str().unwrap_or(&answer.text())
+            )),
+        }
+    }
+
+    /// The samples of an instant query that must succeed.
+    async fn samples(&self, expr: &str) -> Vec<Value> {
+        let data = self
+            .query(expr)
+            .await
+            .unwrap_or_else(|err| panic!("{expr}: {err}"));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The first value of an instant query, 0 when it has no series.
+    async fn value(&self, expr: &str) -> f64 {
+        self.samples(expr)
+            .await
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Every rule of the loaded rule files: `(name, health, last error)`.
+    async fn rules(&self) -> Vec<(String, String, String)> {
+        let body = self.get("/api/v1/rules").await.json();
+        body["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+            .map(|rule| {
+                let field = |name: &str| rule[name].as_str().unwrap_or_default().to_string();
+                (field("name"), field("health"), field("lastError"))
+            })
+            .collect()
+    }
+
+    fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// One round of traffic with every decision of `DRIVEN`, an upstream 5xx, and IAM failures
+/// (a 503, or throttling on odd rounds).
+async fn drive(h: &Harness, round: usize) {
+    let alice = h.token("alice");
+    let unknown = || format!("tok-unknown-{}", uuid::Uuid::new_v4().simple());
+    let expect = |answer: Answer, status: u16, what: &str| {
+        assert_eq!(answer.status.as_u16(), status, "{what}: {}", answer.text());
+    };
+    expect(h.get_as("/app", "alice").await, 200, "mfa_verified");
+    expect(
+        h.get("/probe/ready", &[]).await,
+        200,
+        "allowlisted (probes)",
+    );
+    expect(
+        h.get("/static/app.js", &[]).await,
+        200,
+        "allowlisted (static)",
+    );
+    expect(h.get_as("/app", "carol").await, 403, "no_mfa");
+    expect(h.get("/app", &[]).await, 401, "no_token");
+    expect(
+        h.get("/app", &[("x-auth-token", &unknown())]).await,
+        401,
+        "invalid_token",
+    );
+    expect(
+        h.get(
+            "/app",
+            &[("x-auth-token", &alice), ("connection", "X-Auth-User-Id")],
+        )
+        .await,
+        400,
+        "bad_request",
+    );
+    expect(
+        h.get(
+            "/app",
+            &[("x-auth-token", &alice), ("x-echo-status", "502")],
+        )
+        .await,
+        502,
+        "upstream 5xx",
+    );
+    let fault = if round % 2 == 0 {
+        Fault::Status(503)
+    } else {
+        Fault::Throttle
+    };
+    h.sim.set_fault(Some(Api::VerifyToken), Some(fault));
+    let answer = h.get("/app", &[("x-auth-token", &unknown())]).await;
+    h.sim.set_fault(Some(Api::VerifyToken), None);
+    expect(answer, 503, "iam_unavailable");
+}
+
+#[test]
+fn dashboard_is_importable_and_every_panel_is_filtered_and_explained() {
+    let dashboard = dashboard();
+    let schema = dashboard["schemaVersion"].as_u64().unwrap_or(0);
+    assert!(schema >= 39, "schemaVersion {schema} < 39");
+    assert!(dashboard["title"].as_str().is_some_and(|t| !t.is_empty()));
+
+    // Variables: the datasource, then job and instance from the gateway's own build info.
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable {name}"))
+    };
+    let datasource = variable("datasource");
+    assert_eq!(datasource["type"], "datasource");
+    assert_eq!(datasource["query"], "prometheus");
+    for (name, query) in [
+        ("job", "label_values(mfa_gate_build_info, job)"),
+        (
+            "instance",
+            r#"label_values(mfa_gate_build_info{job=~"$job"}, instance)"#,
+        ),
+    ] {
+        let v = variable(name);
+        assert_eq!(v["type"], "query", "{name}");
+        assert_eq!(v["definition"], query, "{name}");
+        assert_eq!(v["datasource"]["uid"], DATASOURCE_UID, "{name}");
+        assert_eq!(
+            v["allValue"], ".*",
+            "{name}: \"All\" must match every value"
+        );
+    }
+
+    // No uid but the dashboard's own, the variable and Grafana's built-in annotation source.
+    fn uids<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("uid", Value::String(uid)) => out.push(uid),
+                        _ => uids(value, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| uids(item, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    uids(&dashboard, &mut found);
+    let own = dashboard["uid"].as_str().unwrap();
+    for uid in found {
+        assert!(
+            [DATASOURCE_UID, own, "-- Grafana --"].contains(&uid),
+            "hard-coded uid {uid:?}: use {DATASOURCE_UID}"
+        );
+    }
+
+    let mut ids = HashSet::new();
+    for panel in panels(&dashboard) {
+        let title = panel["title"].as_str().unwrap_or_default();
+        assert!(!title.is_empty(), "a panel without a title: {panel}");
+        assert!(ids.insert(panel["id"].as_u64()), "{title}: duplicate id");
+        assert!(panel["gridPos"]["w"].is_u64(), "{title}: no gridPos");
+        assert_eq!(panel["datasource"]["uid"], DATASOURCE_UID, "{title}");
+        if panel["type"] == "row" {
+            continue;
+        }
+        let description = panel["description"].as_str().unwrap_or_default();
+        assert!(
+            description.len() >= 80,
+            "{title}: the description must tell an operator what to do: {description:?}"
+        );
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], DATASOURCE_UID, "{title}");
+        }
+    }
+
+    let queries: Vec<(String, String)> = panel_queries(&dashboard)
+        .into_iter()
+        .chain(annotation_queries(&dashboard))
+        .collect();
+    for (title, expr) in &queries {
+        assert!(expr.contains('{'), "{title}: unfiltered query {expr}");
+        for (at, _) in expr.match_indices('{') {
+            assert!(
+                expr[at + 1..].starts_with(FILTER),
+                "{title}: every selector must start with {{{FILTER}: {expr}"
+            );
+        }
+        for (at, _) in expr.match_indices('[') {
+            assert!(
+                expr[at + 1..].starts_with("$__rate_interval]"),
+                "{title}: ranges must be [$__rate_interval]: {expr}"
+            );
+        }
+    }
+    for family in FAMILIES {
+        assert!(
+            queries.iter().any(|(_, expr)| expr.contains(family)),
+            "no panel shows {family}"
+        );
+    }
+}
+
+#[test]
+fn every_alert_has_a_window_a_severity_and_a_runbook() {
+    let rules = read("dashboards/alerts.yml");
+    let readme = read("dashboards/README.md");
+    let names = rule_names(&rules);
+    let exprs = rule_exprs(&rules);
+    assert_eq!(
+        names.len(),
+        exprs.len(),
+        "every rule has exactly one expr: {names:?}"
+    );
+    // One block of lines per rule, from its `- alert:`/`- record:` line to the next.
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in rules.lines() {
+        let body = line.trim_start();
+        if let Some(name) = body.strip_prefix("- alert:") {
+            blocks.push((name.trim().to_string(), String::new()));
+        } else if body.starts_with("- record:") || body.starts_with("- name:") {
+            blocks.push((String::new(), String::new()));
+        } else if let Some((_, block)) = blocks.last_mut() {
+            block.push_str(body);
+            block.push('\n');
+        }
+    }
+    let alerts: Vec<&(String, String)> = blocks.iter().filter(|(n, _)| !n.is_empty()).collect();
+    assert!(alerts.len() >= 7, "{names:?}");
+    for (name, block) in alerts {
+        for key in ["for:", "severity:", "summary:", "description:", "runbook:"] {
+            assert!(
+                block.lines().any(|l| l.starts_with(key)),
+                "{name}: no {key}"
+            );
+        }
+        assert!(
+            readme.contains(name.as_str()),
+            "dashboards/README.md does not explain {name}"
+        );
+    }
+    for must in [
+        r#"reason="iam_unavailable""#,
+        r#"outcome="throttled""#,
+        r#"reason="no_mfa""#,
+        r#"class=~"5xx|error|timeout""#,
+        "up == 0",
+        "absent(mfa_gate_build_info)",
+        r#"mfa_gate_config_reloads_total{result="error"}"#,
+        r#"mfa_gate_cache_lookups_total{result="hit"}"#,
+    ] {
+        assert!(exprs.iter().any(|e| e.contains(must)), "no rule on {must}");
+    }
+}
+
+#[tokio::test]
+async fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let rules = repo_file("dashboards/alerts.yml");
+    let (ok, output) = run(
+        &promtool,
+        &["check", "rules", rules.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert!(ok, "promtool check rules:\n{output}");
+    let tests = repo_file("dashboards/alerts_test.yml");
+    let (ok, output) = run(&promtool, &["test", "rules", tests.to_str().unwrap()], None).await;
+    assert!(ok, "promtool test rules:\n{output}");
+}
+
+#[tokio::test]
+async fn gateway_metrics_pass_promtool_check_metrics() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let h = Harness::with_config(TRAFFIC_CONFIG).await;
+    drive(&h, 0).await;
+    drive(&h, 1).await;
+    let metrics = h.metrics().await;
+    let (ok, output) = run(&promtool, &["check", "metrics"], Some(&metrics)).await;
+    assert!(
+        ok && output.trim().is_empty(),
+        "promtool check metrics on /metrics:\n{output}"
+    );
+}
+
+#[tokio::test]
+async fn every_dashboard_and_alert_query_answers_from_a_real_prometheus() {
+    let Some(binary) = tool("prometheus") else {
+        return;
+    };
+    let h = Harness::with_config(TRAFFIC_CONFIG).await;
+    let prometheus = Prometheus::start(&binary, h.gateway.admin_addr).await;
+
+    // Traffic between scrapes until Prometheus has at least three scrapes and has seen every
+    // driven decision increase, so that every rate over 1m is above zero.
+    let expected: BTreeSet<(String, String)> = DRIVEN
+        .iter()
+        .map(|(d, r)| (d.to_string(), r.to_string()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut round = 0;
+    loop {
+        drive(&h, round).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let scrapes = prometheus
+            .value(r#"count_over_time(up{job="mfa-gate"}[1m])"#)
+            .await;
+        let up = prometheus.value(r#"up{job="mfa-gate"}"#).await;
+        let seen: BTreeSet<(String, String)> = prometheus
+            .samples("sum by (decision, reason) (increase(mfa_gate_decisions_total[1m])) > 0")
+            .await
+            .iter()
+            .map(|s| {
+                let label = |name: &str| s["metric"][name].as_str().unwrap_or_default().into();
+                (label("decision"), label("reason"))
+            })
+            .collect();
+        if scrapes >= 3.0 && up == 1.0 && expected.is_subset(&seen) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 90s: {scrapes} scrapes, up = {up}, decisions seen {seen:?}, expected \
+             {expected:?}\n{}",
+            prometheus.log_text()
+        );
+    }
+    // One more round, scraped, for the latest samples.
+    drive(&h, round).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut failures = Vec::new();
+
+    // The rule file as Prometheus itself loaded and evaluated it.
+    let names = rule_names(&read("dashboards/alerts.yml"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rules = loop {
+        let rules = prometheus.rules().await;
+        if rules.len() == names.len() && rules.iter().all(|(_, health, _)| health != "unknown") {
+            break rules;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rules not all evaluated after 30s: {rules:?} (expected {names:?})\n{}",
+            prometheus.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (name, health, error) in rules {
+        if health != "ok" {
+            failures.push(format!("rule {name}: health {health}: {error}"));
+        }
+    }
+    for expr in rule_exprs(&read("dashboards/alerts.yml")) {
+        if let Err(err) = prometheus.query(&expr).await {
+            failures.push(format!("alerts.yml expr fails: {err}\n  {expr}"));
+        }
+    }
+
+    // Every dashboard query: no error, at least one series, and a number in at least one of
+    // them (a panel of NaN is as useless to an operator as an empty one).
+    let dashboard = dashboard();
+    for (title, expr) in panel_queries(&dashboard) {
+        let query = promql(&expr);
+        match prometheus.query(&query).await {
+            Err(err) => failures.push(format!("panel {title:?}: {err}\n  {query}")),
+            Ok(data) => {
+                let result = data["result"].as_array().cloned().unwrap_or_default();
+                if result.is_empty() {
+                    failures.push(format!("panel {title:?}: no series\n  {query}"));
+                } else if !result.iter().any(|s| finite(&s["value"])) {
+                    failures.push(format!(
+                        "panel {title:?}: only NaN/Inf: {result:?}\n  {query}"
+                    ));
+                }
+            }
+        }
+    }
+    for (name, expr) in annotation_queries(&dashboard) {
+        let query = promql(&expr);
+        if let Err(err) = prometheus.query(&query).await {
+            failures.push(format!("annotation {name:?}: {err}\n  {query}"));
+        }
+    }
+    // The job and instance variables: `label_values(SELECTOR, LABEL)` as `group by (LABEL)`.
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        let Some(definition) = variable["definition"].as_str() else {
+            continue;
+        };
+        let (selector, label) = definition
+            .strip_prefix("label_values(")
+            .and_then(|d| d.strip_suffix(')'))
+            .and_then(|d| d.rsplit_once(','))
+            .unwrap_or_else(|| panic!("unexpected variable query {definition}"));
+        let label = label.trim();
+        let query = format!("group by ({label}) ({})", promql(selector));
+        match prometheus.query(&query).await {
+            Err(err) => failures.push(format!("variable {definition}: {err}")),
+            Ok(data) => {
+                let values: Vec<&str> = data["result"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["metric"][label].as_str())
+                    .collect();
+                if values.is_empty() {
+                    failures.push(format!("variable {definition}: no values"));
+                }
+            }
+        }
+    }
+
+    let log = prometheus.log_text();
+    prometheus.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}\n--- prometheus log ---\n{log}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn rule_exprs_reads_plain_quoted_and_block_scalars() {
+    let yaml = r#"
+groups:
+  - name: g
+    rules:
+      - alert: A
+        expr: up == 0
+        for: 1m
+      - alert: B
+        expr: 'a{x=''y''}'
+      - record: r
+        expr: |
+          sum(a)
+            /
+          sum(b)
+        labels: {}
+      - alert: C
+        expr: >-
+          absent(x)
+"#;
+    assert_eq!(
+        rule_exprs(yaml),
+        ["up == 0", "a{x='y'}", "sum(a)\n/\nsum(b)", "absent(x)"]
+    );
+    assert_eq!(rule_names(yaml), ["A", "B", "r", "C"]);
+}

@@ -1,0 +1,349 @@
+//! A read-side observer of HTTP/1.1 request framing, for the one fact hyper does not pass on:
+//! whether a request head carried both `Content-Length` and `Transfer-Encoding`.
+//!
+//! hyper follows RFC 9112 §6.3 for such a request (the transfer coding wins, `Content-Length` is
+//! dropped, the connection is closed afterwards), which already prevents request smuggling
+//! through the gateway. The contract asks for more: refuse the request with 400 (RFC 9112 §6.1
+//! allows a server to), because a message framed two ways is an attack, not a client to serve.
+//! hyper removes the `Content-Length` header before the request reaches a service, so the bytes
+//! are watched here, as they are read, and the verdict for each request head is queued for the
+//! request guard in the order the heads arrived.
+//!
+//! The observer walks the same framing hyper does (head, then a `Content-Length` body or a
+//! chunked body) but never changes a byte. When it cannot follow (a head larger than its limit,
+//! HTTP/2, an upgraded connection, malformed framing that hyper will refuse anyway) it stops
+//! observing; the guard then gets no verdict and relies on hyper.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Verdicts for the request heads read on one connection, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct FramingVerdicts(Arc<Mutex<VecDeque<bool>>>);
+
+impl FramingVerdicts {
+    /// Whether the next request on this connection had both `Content-Length` and
+    /// `Transfer-Encoding`; `None` when the observer did not follow that head.
+    pub fn next_conflict(&self) -> Option<bool> {
+        self.0.lock().expect("framing lock poisoned").pop_front()
+    }
+
+    fn push(&self, conflict: bool) {
+        self.0
+            .lock()
+            .expect("framing lock poisoned")
+            .push_back(conflict);
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Collecting a request head until the empty line.
+    Head(Vec<u8>),
+    /// Skipping a body of this many bytes.
+    Body(u64),
+    /// In a chunked body: reading a chunk-size line.
+    ChunkSize(Vec<u8>),
+    /// In a chunked body: skipping chunk data plus its CRLF.
+    ChunkData(u64),
+    /// In a chunked body: reading trailer lines until an empty one.
+    Trailers(Vec<u8>),
+    /// Not following this connection any more.
+    Off,
+}
+
+/// The framing of a request body, as the head declares it.
+struct HeadFacts {
+    conflict: bool,
+    chunked: bool,
+    content_length: Option<u64>,
+}
+
+/// Reads the framing headers of a head (request line included, final CRLFCRLF included).
+/// `None` when the head is not an HTTP/1.x request the observer can follow.
+fn parse_head(head: &[u8]) -> Option<HeadFacts> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next()?;
+    if request_line.starts_with("PRI ") || !request_line.contains(" HTTP/1.") {
+        return None;
+    }
+    let mut has_te = false;
+    let mut chunked = false;
+    let mut content_length = None;
+    let mut has_cl = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim_end();
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            has_te = true;
+            chunked = value
+                .rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            has_cl = true;
+            content_length = value.trim().parse().ok();
+        }
+    }
+    Some(HeadFacts {
+        conflict: has_te && has_cl,
+        chunked,
+        content_length,
+    })
+}
+
+/// Follows request framing over a stream of bytes.
+#[derive(Debug)]
+pub struct FramingObserver {
+    state: State,
+    verdicts: FramingVerdicts,
+    max_head: usize,
+}
+
+impl FramingObserver {
+    pub fn new(verdicts: FramingVerdicts, max_head: usize) -> Self {
+        FramingObserver {
+            state: State::Head(Vec::new()),
+            verdicts,
+            max_head,
+        }
+    }
+
+    /// Feeds bytes just read from the client.
+    pub fn observe(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Off => return,
+                State::Head(head) => {
+                    // A head starts at its request line; stray CRLFs before it are allowed.
+                    if head.is_empty() {
+                        let skip = bytes
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
+                        bytes = &bytes[skip..];
+                        if bytes.is_empty() {
+                            return;
+                        }
+                    }
+                    let before = head.len();
+                    head.extend_from_slice(bytes);
+                    let search_from = before.saturating_sub(3);
+                    match find(&head[search_from..], b"\r\n\r\n") {
+                        Some(at) => {
+                            let end = search_from + at + 4;
+                            let used = end - before;
+                            bytes = &bytes[used..];
+                            let head = std::mem::take(head);
+                            self.state = match parse_head(&head[..end]) {
+                                Some(facts) => {
+                                    self.verdicts.push(facts.conflict);
+                                    if facts.chunked {
+                                        State::ChunkSize(Vec::new())
+                                    } else {
+                                        match facts.content_length {
+                                            Some(0) | None => State::Head(Vec::new()),
+                                            Some(n) => State::Body(n),
+                                        }
+                                    }
+                                }
+                                None => State::Off,
+                            };
+                        }
+                        None => {
+                            if head.len() > self.max_head {
+                                self.state = State::Off;
+                            }
+                            return;
+                        }
+                    }
+                }
+                State::Body(remaining) => {
+                    let take = (*remaining).min(bytes.len() as u64);
+                    *remaining -= take;
+                    bytes = &bytes[take as usize..];
+                    if *remaining == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::ChunkSize(line) => match bytes.iter().position(|b| *b == b'\n') {
+                    Some(at) => {
+                        line.extend_from_slice(&bytes[..=at]);
+                        bytes = &bytes[at + 1..];
+                        let text = String::from_utf8_lossy(line);
+                        let size = text.trim_end().split(';').next().unwrap_or_default().trim();
+                        self.state = match u64::from_str_radix(size, 16) {
+                            Ok(0) => State::Trailers(Vec::new()),
+                            // Chunk data is followed by CRLF.
+                            Ok(n) => State::ChunkData(n.saturating_add(2)),
+                            Err(_) => State::Off,
+                        };
+                    }
+                    None => {
+                        line.extend_from_slice(bytes);
+                        if line.len() > 1024 {
+                            self.state = State::Off;
+                        }
+                        return;
+                    }
+                },
+                State::ChunkData(remaining) => {
+                    let take = (*remaining).min(bytes.len() as u64);
+                    *remaining -= take;
+                    bytes = &bytes[take as usize..];
+                    if *remaining == 0 {
+                        self.state = State::ChunkSize(Vec::new());
+                    }
+                }
+                State::Trailers(line) => match bytes.iter().position(|b| *b == b'\n') {
+                    Some(at) => {
+                        line.extend_from_slice(&bytes[..=at]);
+                        bytes = &bytes[at + 1..];
+                        let empty = line.as_slice() == b"\r\n" || line.as_slice() == b"\n";
+                        self.state = if empty {
+                            State::Head(Vec::new())
+                        } else {
+                            State::Trailers(Vec::new())
+                        };
+                    }
+                    None => {
+                        line.extend_from_slice(bytes);
+                        if line.len() > self.max_head {
+                            self.state = State::Off;
+                        }
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Stops observing (the connection was upgraded or turned out to be HTTP/2).
+    pub fn stop(&mut self) {
+        self.state = State::Off;
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An IO stream whose reads are shown to a [`FramingObserver`] on their way to hyper.
+pub struct Observed<IO> {
+    inner: IO,
+    observer: FramingObserver,
+}
+
+impl<IO> Observed<IO> {
+    pub fn new(inner: IO, observer: FramingObserver) -> Self {
+        Observed { inner, observer }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Observed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.observer.observe(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Observed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn verdicts_for(stream: &[u8], split: &[usize]) -> Vec<bool> {
+        let verdicts = FramingVerdicts::default();
+        let mut observer = FramingObserver::new(verdicts.clone(), 65536);
+        let mut start = 0;
+        for &cut in split.iter().chain(std::iter::once(&stream.len())) {
+            let cut = cut.clamp(start, stream.len());
+            observer.observe(&stream[start..cut]);
+            start = cut;
+        }
+        std::iter::from_fn(|| verdicts.next_conflict()).collect()
+    }
+
+    const STREAM: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: y\r\n\r\n\
+POST /d HTTP/1.1\r\nHost: x\r\ncontent-length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+GET /e HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn each_head_gets_a_verdict_in_order() {
+        assert_eq!(
+            verdicts_for(STREAM, &[]),
+            [false, false, false, true, false]
+        );
+    }
+
+    #[test]
+    fn bodies_that_look_like_heads_are_skipped() {
+        let stream = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n\
+GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]), [false, false]);
+    }
+
+    #[test]
+    fn http2_prior_knowledge_is_not_followed() {
+        assert!(verdicts_for(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &[]).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn verdicts_do_not_depend_on_how_reads_are_split(
+            mut cuts in proptest::collection::vec(0usize..STREAM.len(), 0..12)
+        ) {
+            cuts.sort_unstable();
+            prop_assert_eq!(verdicts_for(STREAM, &cuts), vec![false, false, false, true, false]);
+        }
+    }
+}
