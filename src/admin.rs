@@ -29,7 +29,7 @@ pub struct AdminState {
     pub cache: TokenCache,
     /// `admin.token_file`'s token; `None` leaves `/admin/*` open (bind the admin listener to
     /// loopback then).
-    pub token: Option<AdminToken>,
+    pub token: arc_swap::ArcSwap<Option<AdminToken>>,
     /// Listeners bound and config loaded.
     pub ready: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so that load balancers stop sending traffic.
@@ -55,7 +55,8 @@ impl AdminState {
     /// Whether the request carries the admin token. Compared as SHA-256 digests so the time
     /// taken says nothing about how much of a guess was right.
     fn authorized(&self, request: &Request<Incoming>) -> bool {
-        let Some(expected) = &self.token else {
+        let token = self.token.load();
+        let Some(expected) = token.as_ref() else {
             return true;
         };
         let presented = request

@@ -1,9 +1,10 @@
 //! The composition root: builds metrics, the IAM provider, the cache, the policy and the stack
-//! from a validated [`Config`], binds both listeners, and runs until told to stop.
+//! from a validated [`Config`], binds both listeners, runs until told to stop, and applies
+//! config reloads.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -30,9 +31,20 @@ pub struct Gateway {
     /// The admin listener's bound address.
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    live: Live,
     state: Arc<AdminState>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+/// The parts of a running gateway that a reload replaces in place.
+struct Live {
+    policy: Arc<ArcSwap<Policy>>,
+    upstream: Arc<ArcSwap<Upstream>>,
+    cache: TokenCache,
+    tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    /// The config in force, to tell what a new one changes.
+    current: Mutex<Config>,
 }
 
 fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn IamProvider>> {
@@ -51,43 +63,51 @@ fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn I
     }
 }
 
+fn policy(config: &Config) -> Policy {
+    Policy::new(
+        config.policy.clone(),
+        config.allow.clone(),
+        config.server.trusted_proxies.clone(),
+    )
+}
+
+fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    config
+        .server
+        .tls
+        .as_ref()
+        .map(|files| tls::server_config(&files.cert, &files.key).context("server.tls_cert"))
+        .transpose()
+}
+
 impl Gateway {
     /// Builds everything and binds both listeners; serving starts in the background.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let metrics = Arc::new(Metrics::new());
         metrics.touch_allow_rules(config.allow.iter().map(|rule| rule.name.as_str()));
         let provider = provider(&config, &metrics)?;
-        let policy = Arc::new(ArcSwap::from_pointee(Policy::new(
-            config.policy.clone(),
-            config.allow.clone(),
-        )));
+        let policy = Arc::new(ArcSwap::from_pointee(policy(&config)));
         let cache = TokenCache::new(provider, policy.clone(), config.cache, metrics.clone());
         let auth = Arc::new(Auth {
-            policy,
+            policy: policy.clone(),
             cache: cache.clone(),
             metrics: metrics.clone(),
-            trusted_proxies: config.server.trusted_proxies.clone(),
         });
-        let upstream = Arc::new(
+        let upstream = Arc::new(ArcSwap::from_pointee(
             Upstream::new(&config.upstream, config.token, metrics.clone()).context("upstream")?,
-        );
+        ));
         let service = stack::build(
             auth,
-            upstream,
+            upstream.clone(),
             metrics.clone(),
             config.server.max_header_bytes,
         );
-        let tls = match &config.server.tls {
-            Some(files) => Some(Arc::new(ArcSwap::new(
-                tls::server_config(&files.cert, &files.key).context("server.tls_cert")?,
-            ))),
-            None => None,
-        };
+        let tls = tls_config(&config)?.map(|tls| Arc::new(ArcSwap::new(tls)));
         let settings = ServeSettings {
             header_read_timeout: config.server.header_read_timeout,
             max_header_bytes: config.server.max_header_bytes,
             shutdown_grace: config.server.shutdown_grace,
-            tls,
+            tls: tls.clone(),
         };
 
         let listener = TcpListener::bind(config.server.listen)
@@ -101,8 +121,8 @@ impl Gateway {
 
         let state = Arc::new(AdminState {
             metrics: metrics.clone(),
-            cache,
-            token: config.admin.token.clone(),
+            cache: cache.clone(),
+            token: ArcSwap::from_pointee(config.admin.token.clone()),
             ready: false.into(),
             draining: false.into(),
         });
@@ -121,10 +141,123 @@ impl Gateway {
             addr,
             admin_addr,
             metrics,
+            live: Live {
+                policy,
+                upstream,
+                cache,
+                tls,
+                current: Mutex::new(config),
+            },
             state,
             stop,
             task,
         })
+    }
+
+    /// Applies a new, already validated config to the running gateway. Policy, allowlist,
+    /// trusted proxies, upstream, token forwarding, IAM, admin token and TLS files take effect
+    /// for the next request; the cache survives unless the IAM changed. Listener addresses and
+    /// connection limits need a restart and are reported as such. On error nothing changes.
+    pub async fn reload(&self, config: Config) -> anyhow::Result<()> {
+        let result = self.apply(config).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    async fn apply(&self, config: Config) -> anyhow::Result<()> {
+        let old = self
+            .live
+            .current
+            .lock()
+            .expect("config lock poisoned")
+            .clone();
+        // Build everything that can fail before swapping anything in.
+        let upstream = Upstream::new(&config.upstream, config.token, self.metrics.clone())
+            .context("upstream")?;
+        let iam_changed = old.iam.endpoint != config.iam.endpoint
+            || old.iam.provider != config.iam.provider
+            || old.iam.timeout != config.iam.timeout
+            || old.iam.max_concurrency != config.iam.max_concurrency;
+        let provider = if iam_changed {
+            Some(provider(&config, &self.metrics)?)
+        } else {
+            None
+        };
+        let tls = match (&self.live.tls, tls_config(&config)?) {
+            (Some(_), Some(tls)) => Some(tls),
+            (None, None) => None,
+            _ => anyhow::bail!("server.tls_cert: turning TLS on or off needs a restart"),
+        };
+
+        let mut restart = Vec::new();
+        if old.server.listen != config.server.listen {
+            restart.push("server.listen");
+        }
+        if old.admin.listen != config.admin.listen {
+            restart.push("admin.listen");
+        }
+        if old.server.header_read_timeout != config.server.header_read_timeout {
+            restart.push("server.header_read_timeout");
+        }
+        if old.server.max_header_bytes != config.server.max_header_bytes {
+            restart.push("server.max_header_bytes");
+        }
+        if old.server.shutdown_grace != config.server.shutdown_grace {
+            restart.push("server.shutdown_grace");
+        }
+        if old.cache != config.cache {
+            restart.push("cache");
+        }
+
+        self.metrics
+            .touch_allow_rules(config.allow.iter().map(|rule| rule.name.as_str()));
+        self.live.policy.store(Arc::new(policy(&config)));
+        self.live.upstream.store(Arc::new(upstream));
+        self.state.token.store(Arc::new(config.admin.token.clone()));
+        if let (Some(live), Some(tls)) = (&self.live.tls, tls) {
+            live.store(tls);
+        }
+        if let Some(provider) = provider {
+            let purged = self.live.cache.replace_provider(provider).await;
+            tracing::info!(purged, "IAM settings changed: cache purged");
+        }
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "config reloaded, but these changes need a restart to apply");
+        }
+        tracing::info!(allow_rules = config.allow.len(), "config reloaded");
+        *self.live.current.lock().expect("config lock poisoned") = config;
+        Ok(())
+    }
+
+    /// Re-reads the TLS certificate and key named by the config in force (certificate
+    /// rotation); on error the old pair keeps serving.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        let config = self
+            .live
+            .current
+            .lock()
+            .expect("config lock poisoned")
+            .clone();
+        if let (Some(live), Some(tls)) = (&self.live.tls, tls_config(&config)?) {
+            live.store(tls);
+            tracing::info!("TLS certificate reloaded");
+        }
+        Ok(())
+    }
+
+    /// The files whose change should trigger a reload: the TLS pair of the config in force.
+    pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
+        let config = self.live.current.lock().expect("config lock poisoned");
+        config
+            .server
+            .tls
+            .as_ref()
+            .map(|files| vec![files.cert.clone(), files.key.clone()])
+            .unwrap_or_default()
     }
 
     /// Begins a graceful shutdown: `/readyz` turns 503, no new connections are accepted, open

@@ -40,8 +40,6 @@ pub struct Auth {
     pub policy: Arc<ArcSwap<Policy>>,
     pub cache: TokenCache,
     pub metrics: Arc<Metrics>,
-    /// Peers whose `X-Forwarded-*` the decision endpoint believes.
-    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Auth {
@@ -221,8 +219,8 @@ where
                 .unwrap_or_default();
 
             if &*info.path == DECISION_PATH {
-                let (method, path) =
-                    original_request(request.headers(), info.peer.ip(), &auth.trusted_proxies)?;
+                let trusted = auth.policy.load().trusted_proxies().to_vec();
+                let (method, path) = original_request(request.headers(), info.peer.ip(), &trusted)?;
                 let subject = Subject {
                     method: &method,
                     path: &path,

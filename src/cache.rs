@@ -93,7 +93,8 @@ struct Inner {
     inflight: Mutex<HashMap<Key, Fetch>>,
     /// The keyed HMAC state, cloned per token (the key schedule is computed once).
     mac: Hmac<Sha256>,
-    provider: Arc<dyn IamProvider>,
+    /// Replaced when a config reload changes `[iam]` (and then the entries are purged).
+    provider: ArcSwap<Arc<dyn IamProvider>>,
     policy: Arc<ArcSwap<Policy>>,
     config: CacheConfig,
     metrics: Arc<Metrics>,
@@ -125,7 +126,7 @@ impl TokenCache {
                 .build(),
             inflight: Mutex::new(HashMap::new()),
             mac,
-            provider,
+            provider: ArcSwap::from_pointee(provider),
             policy,
             config,
             metrics,
@@ -192,7 +193,8 @@ impl TokenCache {
         let token = token.clone();
         let task = tokio::spawn(async move {
             let policy = inner.policy.load_full();
-            let result = match inner.provider.lookup(&token, policy.needs()).await {
+            let provider = inner.provider.load_full();
+            let result = match provider.lookup(&token, policy.needs()).await {
                 Ok(status) => {
                     let entry = Arc::new(inner.entry_for(status, &policy));
                     let cache = match entry.status {
@@ -223,6 +225,13 @@ impl TokenCache {
         .shared();
         inflight.insert(key, fetch.clone());
         fetch
+    }
+
+    /// Asks a different IAM from now on. Entries learnt from the old one are dropped: they may
+    /// describe tokens of another account or region.
+    pub async fn replace_provider(&self, provider: Arc<dyn IamProvider>) -> u64 {
+        self.0.provider.store(Arc::new(provider));
+        self.purge_all().await
     }
 
     /// Drops every entry; answers how many there were.

@@ -437,7 +437,7 @@ pub struct PolicyConfig {
     pub on_iam_error: OnIamError,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheConfig {
     pub ttl: Duration,
     pub negative_ttl: Duration,

@@ -20,6 +20,7 @@
 //! - [`error`]: `GatewayError` and the JSON answers.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*`.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`reload`]: config and certificate reloads (SIGHUP, file changes).
 //! - [`tls`]: rustls configuration.
 //! - [`dev`]: `mfa-gate dev`: IAM simulator and demo upstream.
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod iam;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod stack;
 pub mod tls;

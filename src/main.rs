@@ -131,7 +131,7 @@ fn main() -> ExitCode {
                     Ok(config) => config,
                     Err(code) => return code,
                 };
-                run(config).await
+                run(config, &path).await
             }
             Command::Dev {
                 listen,
@@ -154,7 +154,9 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: &Path) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+
     let gateway = match Gateway::start(config).await {
         Ok(gateway) => gateway,
         Err(err) => {
@@ -162,7 +164,18 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    wait_for_signal().await;
+    let mut reloader = mfa_gate::reload::Reloader::new(path, &gateway);
+    let mut hangup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+    let mut poll = tokio::time::interval(mfa_gate::reload::POLL_INTERVAL);
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangup.recv() => reloader.reload(&gateway, "SIGHUP").await,
+            _ = poll.tick() => reloader.poll(&gateway).await,
+        }
+    }
     tracing::info!("shutdown signal received; draining");
     gateway.shutdown();
     gateway.wait().await;

@@ -30,11 +30,25 @@ pub struct Evaluation {
 pub struct Policy {
     config: PolicyConfig,
     rules: Vec<AllowRule>,
+    /// Peers whose `X-Forwarded-*` the decision endpoint believes.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Policy {
-    pub fn new(config: PolicyConfig, rules: Vec<AllowRule>) -> Self {
-        Policy { config, rules }
+    pub fn new(
+        config: PolicyConfig,
+        rules: Vec<AllowRule>,
+        trusted_proxies: Vec<ipnet::IpNet>,
+    ) -> Self {
+        Policy {
+            config,
+            rules,
+            trusted_proxies,
+        }
+    }
+
+    pub fn trusted_proxies(&self) -> &[ipnet::IpNet] {
+        &self.trusted_proxies
     }
 
     pub fn mode(&self) -> Mode {
@@ -189,7 +203,7 @@ mod tests {
         );
         let config = Config::from_toml(&text, Path::new("test.toml")).unwrap();
         assert_eq!(config.iam.provider, ProviderKind::Huawei);
-        Policy::new(config.policy, config.allow)
+        Policy::new(config.policy, config.allow, config.server.trusted_proxies)
     }
 
     fn facts(device: bool, lp: Option<(bool, &str)>, totp: bool) -> UserFacts {

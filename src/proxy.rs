@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -243,11 +244,12 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 /// The innermost service: forwards a request that the auth layer allowed.
 #[derive(Clone)]
 pub struct ProxyService {
-    upstream: Arc<Upstream>,
+    /// Replaced as a whole when a config reload changes `[upstream]` or `[token]`.
+    upstream: Arc<ArcSwap<Upstream>>,
 }
 
 impl ProxyService {
-    pub fn new(upstream: Arc<Upstream>) -> Self {
+    pub fn new(upstream: Arc<ArcSwap<Upstream>>) -> Self {
         ProxyService { upstream }
     }
 }
@@ -262,7 +264,7 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let upstream = self.upstream.clone();
+        let upstream = self.upstream.load_full();
         Box::pin(async move {
             let principal =
                 request

@@ -17,6 +17,7 @@ pub mod guard;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
@@ -32,7 +33,7 @@ pub type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<Body>,
 /// Builds the stack of the main listener.
 pub fn build(
     auth: Arc<Auth>,
-    upstream: Arc<Upstream>,
+    upstream: Arc<ArcSwap<Upstream>>,
     metrics: Arc<Metrics>,
     max_header_bytes: usize,
 ) -> GatewayService {

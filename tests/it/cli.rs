@@ -84,13 +84,13 @@ fn config_path_may_come_from_the_environment_and_flags_go_anywhere() {
 }
 
 /// A gateway process with its stderr collected line by line.
-struct Process {
+pub struct Process {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Process {
-    async fn start(config: &std::path::Path) -> (Process, String, String) {
+    pub async fn start(config: &std::path::Path) -> (Process, String, String) {
         let mut child = Command::new(BIN)
             .args([
                 "--log-format",
@@ -133,13 +133,18 @@ impl Process {
         (Process { child, lines }, listen, admin)
     }
 
-    async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+    /// Sends a signal by name, e.g. "-HUP".
+    pub fn signal(&self, signal: &str) {
         let pid = self.child.id().unwrap();
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    pub async fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+        self.signal("-TERM");
         let exit = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
             .expect("no exit after SIGTERM")

@@ -10,3 +10,5 @@ mod faults;
 mod forwarding;
 mod hostile;
 mod properties;
+mod reload;
+mod tls;
