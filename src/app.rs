@@ -249,7 +249,14 @@ impl Gateway {
         Ok(())
     }
 
-    /// The files whose change should trigger a reload: the TLS pair of the config in force.
+    /// Files besides the config whose change means "reload the config": `admin.token_file`
+    /// (a rotated Kubernetes Secret).
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let config = self.live.current.lock().expect("config lock poisoned");
+        config.admin.token_file.iter().cloned().collect()
+    }
+
+    /// The files whose change should trigger a TLS reload: the pair of the config in force.
     pub fn tls_files(&self) -> Vec<std::path::PathBuf> {
         let config = self.live.current.lock().expect("config lock poisoned");
         config

@@ -391,6 +391,8 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Where the token was read from, watched for rotation.
+    pub token_file: Option<PathBuf>,
     /// The admin bearer token, read from `admin.token_file` (trailing newline removed).
     pub token: Option<AdminToken>,
 }
@@ -666,10 +668,14 @@ fn parse_cidr(key: &str, value: &str) -> Result<IpNet, ConfigError> {
 
 fn validate_admin(file: &AdminFile, base_dir: &Path) -> Result<AdminConfig, ConfigError> {
     let listen = socket_addr("admin.listen", &file.listen)?;
-    let token = match &file.token_file {
+    let token_file = file
+        .token_file
+        .as_ref()
+        .map(|path| existing_file("admin.token_file", path, base_dir))
+        .transpose()?;
+    let token = match &token_file {
         None => None,
         Some(path) => {
-            let path = existing_file("admin.token_file", path, base_dir)?;
             let text = std::fs::read_to_string(&path).map_err(|err| {
                 ConfigError::key(
                     "admin.token_file",
@@ -690,7 +696,11 @@ fn validate_admin(file: &AdminFile, base_dir: &Path) -> Result<AdminConfig, Conf
             Some(AdminToken(token.to_string()))
         }
     };
-    Ok(AdminConfig { listen, token })
+    Ok(AdminConfig {
+        listen,
+        token_file,
+        token,
+    })
 }
 
 fn validate_upstream(file: &UpstreamFile, base_dir: &Path) -> Result<UpstreamConfig, ConfigError> {

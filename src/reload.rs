@@ -25,7 +25,8 @@ fn fingerprint(path: &Path) -> Option<[u8; 32]> {
 /// Remembers what was loaded, to notice changes.
 pub struct Reloader {
     config_path: PathBuf,
-    config_seen: Option<[u8; 32]>,
+    /// The config file and the files it names (admin token) as last loaded.
+    config_seen: Vec<Option<[u8; 32]>>,
     tls_seen: Vec<(PathBuf, Option<[u8; 32]>)>,
 }
 
@@ -33,14 +34,13 @@ impl Reloader {
     pub fn new(config_path: &Path, gateway: &Gateway) -> Self {
         Reloader {
             config_path: config_path.to_path_buf(),
-            config_seen: fingerprint(config_path),
+            config_seen: config_fingerprints(config_path, gateway),
             tls_seen: tls_fingerprints(gateway),
         }
     }
 
     /// Reloads the config file now (SIGHUP).
     pub async fn reload(&mut self, gateway: &Gateway, why: &str) {
-        self.config_seen = fingerprint(&self.config_path);
         match Config::load(&self.config_path) {
             Ok(config) => match gateway.reload(config).await {
                 Ok(()) => tracing::info!(trigger = why, "new config in force"),
@@ -57,13 +57,14 @@ impl Reloader {
                 tracing::error!(trigger = why, error = %err, "config reload refused; the old config keeps serving");
             }
         }
+        self.config_seen = config_fingerprints(&self.config_path, gateway);
         self.tls_seen = tls_fingerprints(gateway);
     }
 
     /// Compares the files with what was loaded; reloads what changed.
     pub async fn poll(&mut self, gateway: &Gateway) {
-        let config_now = fingerprint(&self.config_path);
-        if config_now.is_some() && config_now != self.config_seen {
+        let config_now = config_fingerprints(&self.config_path, gateway);
+        if config_now.iter().all(Option::is_some) && config_now != self.config_seen {
             self.reload(gateway, "file changed").await;
             return;
         }
@@ -75,6 +76,12 @@ impl Reloader {
             }
         }
     }
+}
+
+fn config_fingerprints(config_path: &Path, gateway: &Gateway) -> Vec<Option<[u8; 32]>> {
+    std::iter::once(fingerprint(config_path))
+        .chain(gateway.watched_files().iter().map(|path| fingerprint(path)))
+        .collect()
 }
 
 fn tls_fingerprints(gateway: &Gateway) -> Vec<(PathBuf, Option<[u8; 32]>)> {

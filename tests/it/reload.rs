@@ -150,3 +150,53 @@ where
     }
     panic!("condition not reached within 5 s");
 }
+
+#[tokio::test]
+async fn a_rotated_admin_token_file_takes_effect_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+    let extra = format!("[admin]\ntoken_file = \"{}\"\n", token_file.display());
+    let h = Harness::with_config(&extra).await;
+    let path = dir.path().join("mfa-gate.toml");
+    std::fs::write(&path, config_text(&h.sim.url(), &h.upstream.url(), &extra)).unwrap();
+    let mut reloader = mfa_gate::reload::Reloader::new(&path, &h.gateway);
+    let purge = h.admin_url("/admin/cache/purge");
+    let with = |token: &'static str| [("authorization", token)];
+
+    assert_eq!(
+        send(
+            Method::POST,
+            &purge,
+            &with("Bearer first-token"),
+            Bytes::new()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    std::fs::write(&token_file, "second-token\n").unwrap();
+    reloader.poll(&h.gateway).await;
+    assert_eq!(
+        send(
+            Method::POST,
+            &purge,
+            &with("Bearer first-token"),
+            Bytes::new()
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(
+            Method::POST,
+            &purge,
+            &with("Bearer second-token"),
+            Bytes::new()
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+}
