@@ -1,11 +1,14 @@
 //! The operator's view (issue "Observability that operators trust"): the Grafana dashboard and the
 //! Prometheus rules in `dashboards/`, proven against a real Prometheus scraping a real gateway.
 //!
-//! Two tests need nothing but the files: the dashboard's shape (datasource variable, filters,
+//! Without any tool: the dashboard's shape (datasource variable, `job`/`instance` filters,
 //! `$__rate_interval`, a description on every panel, every metric family of CONTRACT §6 shown)
-//! and the alerts' documentation. The others need Debian's package `prometheus` (`prometheus` and
-//! `promtool` on `PATH`): without it they print a line and pass, unless
-//! `MFA_GATE_REQUIRE_PROMETHEUS=1` (as in CI) makes a missing binary a failure.
+//! and the alerts' documentation. With Debian's package `prometheus` (`prometheus` and `promtool`
+//! on `PATH`): `promtool check rules` / `test rules` / `check metrics`, and a Prometheus that
+//! scrapes a gateway driven through every decision, loads `alerts.yml`, answers every dashboard,
+//! variable and rule query, and fires `MfaGateConfigReloadFailed` after a refused reload. Without
+//! the package those tests print a line and pass, unless `MFA_GATE_REQUIRE_PROMETHEUS=1` (as in
+//! CI) makes a missing binary a failure.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -16,12 +19,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use mfa_gate::dev::iam_sim::{Api, Fault};
+use mfa_gate::reload::Reloader;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
 
-use crate::support::{send, Answer, Harness};
+use crate::support::{config_text, send, Answer, Harness};
 
 /// Every metric family of CONTRACT §6: each must be on the dashboard.
 const FAMILIES: [&str; 12] = [
@@ -197,12 +201,12 @@ fn tool(name: &str) -> Option<PathBuf> {
             .find(|path| path.is_file())
     });
     if found.is_none() {
-        assert_ne!(
-            std::env::var("MFA_GATE_REQUIRE_PROMETHEUS").as_deref(),
-            Ok("1"),
-            "`{name}` is not on PATH, and MFA_GATE_REQUIRE_PROMETHEUS=1 requires it: install \
-             Debian's package `prometheus` (apt-get install prometheus)"
-        );
+        if std::env::var("MFA_GATE_REQUIRE_PROMETHEUS").as_deref() == Ok("1") {
+            panic!(
+                "`{name}` is not on PATH, and MFA_GATE_REQUIRE_PROMETHEUS=1 requires it: install \
+                 Debian's package `prometheus` (apt-get install prometheus)"
+            );
+        }
         println!(
             "skipped: `{name}` is not on PATH (install Debian's package `prometheus` to run this \
              test; MFA_GATE_REQUIRE_PROMETHEUS=1 makes its absence a failure)"
@@ -388,6 +392,26 @@ impl Prometheus {
             .unwrap_or(0.0)
     }
 
+    /// The alerts Prometheus has firing right now: `(alertname, job)`.
+    async fn firing(&self) -> Vec<(String, String)> {
+        let body = self.get("/api/v1/alerts").await.json();
+        body["data"]["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|alert| alert["state"] == "firing")
+            .map(|alert| {
+                let label = |name: &str| {
+                    alert["labels"][name]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                (label("alertname"), label("job"))
+            })
+            .collect()
+    }
+
     /// Every rule of the loaded rule files: `(name, health, last error)`.
     async fn rules(&self) -> Vec<(String, String, String)> {
         let body = self.get("/api/v1/rules").await.json();
@@ -403,10 +427,18 @@ impl Prometheus {
             .collect()
     }
 
+    /// Prometheus' own errors (a rule file it refused, a failing scrape), else the end of its log.
     fn log_text(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("level=error") || line.contains("level=warn"))
+            .collect();
+        if !errors.is_empty() {
+            return errors.join("\n");
+        }
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     async fn stop(mut self) {
@@ -458,15 +490,21 @@ async fn drive(h: &Harness, round: usize) {
         502,
         "upstream 5xx",
     );
-    let fault = if round % 2 == 0 {
-        Fault::Status(503)
-    } else {
-        Fault::Throttle
-    };
+    let fault = [Fault::Status(503), Fault::Throttle][round % 2].clone();
     h.sim.set_fault(Some(Api::VerifyToken), Some(fault));
     let answer = h.get("/app", &[("x-auth-token", &unknown())]).await;
     h.sim.set_fault(Some(Api::VerifyToken), None);
     expect(answer, 503, "iam_unavailable");
+}
+
+/// A refused and an accepted config reload, through the same path as a file change: the
+/// config file gets a syntax error, then its old text back.
+async fn reload_bad_then_good(h: &Harness, path: &Path, reloader: &mut Reloader) {
+    let good = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, "[policy\n").unwrap();
+    reloader.reload(&h.gateway, "test").await;
+    std::fs::write(path, good).unwrap();
+    reloader.reload(&h.gateway, "test").await;
 }
 
 #[test]
@@ -670,10 +708,19 @@ async fn every_dashboard_and_alert_query_answers_from_a_real_prometheus() {
         return;
     };
     let h = Harness::with_config(TRAFFIC_CONFIG).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_path = config_dir.path().join("mfa-gate.toml");
+    std::fs::write(
+        &config_path,
+        config_text(&h.sim.url(), &h.upstream.url(), TRAFFIC_CONFIG),
+    )
+    .unwrap();
+    let mut reloader = Reloader::new(&config_path, &h.gateway);
     let prometheus = Prometheus::start(&binary, h.gateway.admin_addr).await;
 
-    // Traffic between scrapes until Prometheus has at least three scrapes and has seen every
-    // driven decision increase, so that every rate over 1m is above zero.
+    // Traffic (and config reloads) between scrapes until Prometheus has at least three scrapes
+    // and has seen every driven decision and both reload results increase, so that every rate
+    // over 1m is above zero.
     let expected: BTreeSet<(String, String)> = DRIVEN
         .iter()
         .map(|(d, r)| (d.to_string(), r.to_string()))
@@ -682,6 +729,7 @@ async fn every_dashboard_and_alert_query_answers_from_a_real_prometheus() {
     let mut round = 0;
     loop {
         drive(&h, round).await;
+        reload_bad_then_good(&h, &config_path, &mut reloader).await;
         round += 1;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let scrapes = prometheus
@@ -697,13 +745,17 @@ async fn every_dashboard_and_alert_query_answers_from_a_real_prometheus() {
                 (label("decision"), label("reason"))
             })
             .collect();
-        if scrapes >= 3.0 && up == 1.0 && expected.is_subset(&seen) {
+        let reloads = prometheus
+            .samples("increase(mfa_gate_config_reloads_total[1m]) > 0")
+            .await
+            .len();
+        if scrapes >= 3.0 && up == 1.0 && expected.is_subset(&seen) && reloads == 2 {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "after 90s: {scrapes} scrapes, up = {up}, decisions seen {seen:?}, expected \
-             {expected:?}\n{}",
+             {expected:?}, reload results seen {reloads} of 2\n{}",
             prometheus.log_text()
         );
     }
@@ -738,6 +790,22 @@ async fn every_dashboard_and_alert_query_answers_from_a_real_prometheus() {
             failures.push(format!("alerts.yml expr fails: {err}\n  {expr}"));
         }
     }
+    // End to end, one alert without a `for:` window: the refused reloads above make
+    // MfaGateConfigReloadFailed fire, with the job label the scrape gave it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let firing = prometheus.firing().await;
+        if firing.contains(&("MfaGateConfigReloadFailed".into(), "mfa-gate".into())) {
+            break;
+        }
+        if Instant::now() > deadline {
+            failures.push(format!(
+                "MfaGateConfigReloadFailed not firing after a refused reload; firing: {firing:?}"
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Every dashboard query: no error, at least one series, and a number in at least one of
     // them (a panel of NaN is as useless to an operator as an empty one).
@@ -760,8 +828,12 @@ async fn every_dashboard_and_alert_query_answers_from_a_real_prometheus() {
     }
     for (name, expr) in annotation_queries(&dashboard) {
         let query = promql(&expr);
-        if let Err(err) = prometheus.query(&query).await {
-            failures.push(format!("annotation {name:?}: {err}\n  {query}"));
+        match prometheus.query(&query).await {
+            Err(err) => failures.push(format!("annotation {name:?}: {err}\n  {query}")),
+            Ok(data) if data["result"].as_array().is_none_or(Vec::is_empty) => {
+                failures.push(format!("annotation {name:?}: no reload marked\n  {query}"));
+            }
+            Ok(_) => {}
         }
     }
     // The job and instance variables: `label_values(SELECTOR, LABEL)` as `group by (LABEL)`.
