@@ -676,7 +676,7 @@ fn validate_admin(file: &AdminFile, base_dir: &Path) -> Result<AdminConfig, Conf
     let token = match &token_file {
         None => None,
         Some(path) => {
-            let text = std::fs::read_to_string(&path).map_err(|err| {
+            let text = std::fs::read_to_string(path).map_err(|err| {
                 ConfigError::key(
                     "admin.token_file",
                     format!("cannot read {}: {err}", path.display()),

@@ -45,6 +45,20 @@ pub enum TokenError {
     BadCharacters,
 }
 
+/// Whether the request carries two different tokens (`X-Auth-Token` and a different
+/// `Authorization: Bearer`): only one could be verified, and the other would still reach the
+/// app, which might act on it.
+pub fn conflicting(headers: &http::HeaderMap) -> bool {
+    let x_auth = headers
+        .get("x-auth-token")
+        .map(|value| trim(value.as_bytes()))
+        .filter(|value| !value.is_empty());
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| bearer(value.as_bytes()));
+    matches!((x_auth, bearer), (Some(a), Some(b)) if a != b)
+}
+
 /// Reads the token from `X-Auth-Token`, else from `Authorization: Bearer …` (the scheme
 /// matched case-insensitively, RFC 9110 §11.1). `Ok(None)` when neither carries one; another
 /// `Authorization` scheme (Basic, …) is not a token. Repeated headers are refused earlier, by
@@ -163,6 +177,16 @@ mod tests {
         assert!(extract(&headers(&[("x-auth-token", &max)]))
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn two_different_tokens_conflict() {
+        let both = headers(&[("x-auth-token", b"aaa"), ("authorization", b"Bearer bbb")]);
+        assert!(conflicting(&both));
+        let same = headers(&[("x-auth-token", b"aaa"), ("authorization", b"bearer aaa")]);
+        assert!(!conflicting(&same));
+        let basic = headers(&[("x-auth-token", b"aaa"), ("authorization", b"Basic Zm9v")]);
+        assert!(!conflicting(&basic));
     }
 
     #[test]

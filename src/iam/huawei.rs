@@ -39,6 +39,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
+
+/// The longest a call waits for one of the `iam.max_concurrency` slots (a quarter of
+/// `iam.timeout` if that is shorter).
+const MAX_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 use tokio::time::Instant;
 
 use crate::auth::token::Token;
@@ -224,9 +228,11 @@ impl HuaweiProvider {
         parse: impl FnOnce(StatusCode, &[u8]) -> Result<T, IamError>,
     ) -> Result<T, IamError> {
         let deadline = Instant::now() + self.timeout;
-        // The wait for a permit spends the call's own budget: a saturated gateway answers
-        // "IAM unavailable" in bounded time instead of growing an unbounded queue.
-        let _permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+        // A short wait for a permit absorbs a burst of fresh tokens; past it a saturated
+        // gateway answers "IAM unavailable" at once instead of growing a queue that the IAM
+        // could never drain within the callers' patience.
+        let permit_deadline = Instant::now() + (self.timeout / 4).min(MAX_PERMIT_WAIT);
+        let _permit = match tokio::time::timeout_at(permit_deadline, self.permits.acquire()).await {
             Ok(Ok(permit)) => permit,
             // The semaphore is never closed; treat it like saturation if it ever were.
             Ok(Err(_)) | Err(_) => {
@@ -1898,7 +1904,8 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
 
-            // Same pool and the same permits, but a short budget: it gives up without sending.
+            // Same pool and the same permits, but a short budget: it gives up without sending,
+            // after waiting a quarter of that budget for a slot.
             let short = HuaweiProvider {
                 client: first.client.clone(),
                 endpoint: first.endpoint.clone(),
@@ -1911,8 +1918,8 @@ mod tests {
             let err = short.lookup(&Token::new(TOKEN), none).await.unwrap_err();
             let elapsed = started.elapsed();
             assert!(matches!(err, IamError::Saturated { limit: 1 }), "{err:?}");
-            assert!(elapsed >= Duration::from_millis(190), "{elapsed:?}");
-            assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+            assert!(elapsed >= Duration::from_millis(45), "{elapsed:?}");
+            assert!(elapsed < Duration::from_millis(190), "{elapsed:?}");
             assert_eq!(server.seen().len(), 1, "the saturated call was never sent");
             let sent: u64 = crate::metrics::IAM_OUTCOMES
                 .iter()
@@ -1930,7 +1937,8 @@ mod tests {
         async fn in_flight_calls_never_exceed_max_concurrency() {
             let server = serve(Arc::new(|seen: Seen| {
                 async move {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Short enough that every queued call gets a slot within the permit wait.
+                    tokio::time::sleep(Duration::from_millis(15)).await;
                     let reply = healthy(USER);
                     reply(seen).await
                 }

@@ -112,11 +112,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes every client-supplied header that only the gateway may set, in any spelling.
+/// The headers a token travels in. Only their canonical spelling is read and forwarded: a
+/// look-alike (`X_Auth_Token`) could carry a second, unverified token that a framework folding
+/// `_` into `-` would hand to the app.
+const TOKEN_HEADERS: &[&str] = &["x-auth-token", "authorization"];
+
+/// Removes every client-supplied header that only the gateway may set, in any spelling, and
+/// look-alike spellings of the token headers.
 pub fn strip_managed(headers: &mut HeaderMap) {
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| folds_to_any(name.as_str(), MANAGED))
+        .filter(|name| {
+            let name = name.as_str();
+            folds_to_any(name, MANAGED)
+                || (folds_to_any(name, TOKEN_HEADERS) && !TOKEN_HEADERS.contains(&name))
+        })
         .cloned()
         .collect();
     for name in spoofed {
@@ -171,6 +181,8 @@ mod tests {
             ("x-http-method-override", "DELETE"),
             ("x-original-uri", "/admin"),
             ("x-auth-token", "kept"),
+            ("x_auth_token", "second token"),
+            ("x.auth.token", "third token"),
             ("accept", "kept"),
         ]);
         strip_managed(&mut headers);

@@ -92,6 +92,11 @@ fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str
     if count(headers, AUTHORIZATION) > 1 {
         return Err(GatewayError::bad_request("repeated Authorization header"));
     }
+    if token::conflicting(headers) {
+        return Err(GatewayError::bad_request(
+            "X-Auth-Token and Authorization carry different tokens",
+        ));
+    }
     if headers.contains_key(CONTENT_LENGTH) && headers.contains_key(TRANSFER_ENCODING) {
         return Err(GatewayError::bad_framing(
             "Content-Length together with Transfer-Encoding",

@@ -293,7 +293,13 @@ async fn sigterm_drains_requests_in_flight() {
 #[tokio::test]
 async fn dev_mode_tells_the_whole_story() {
     let mut child = Command::new(BIN)
-        .args(["dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -321,24 +327,45 @@ async fn dev_mode_tells_the_whole_story() {
         .trim()
         .to_string();
     let token_of = |name: &str| {
-        let at = banner.iter().position(|l| l.trim_start().starts_with(name)).unwrap();
-        banner[at + 1].trim().strip_prefix("token: ").unwrap().to_string()
+        let at = banner
+            .iter()
+            .position(|l| l.trim_start().starts_with(name))
+            .unwrap();
+        banner[at + 1]
+            .trim()
+            .strip_prefix("token: ")
+            .unwrap()
+            .to_string()
     };
     // The printed curl lines work as printed: check the first one's shape, then replay them.
-    assert!(text.contains(&format!("curl -i {gateway}/hello -H 'X-Auth-Token: {}'", token_of("alice"))));
+    assert!(text.contains(&format!(
+        "curl -i {gateway}/hello -H 'X-Auth-Token: {}'",
+        token_of("alice")
+    )));
     let get = |token: Option<String>, path: &str| {
         let url = format!("{gateway}{path}");
         async move {
-            let headers: Vec<(&str, String)> = token.map(|t| vec![("x-auth-token", t)]).unwrap_or_default();
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let headers: Vec<(&str, String)> =
+                token.map(|t| vec![("x-auth-token", t)]).unwrap_or_default();
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
             send(Method::GET, &url, &headers, Bytes::new()).await
         }
     };
     let alice = get(Some(token_of("alice")), "/hello").await;
     assert_eq!(alice.status, StatusCode::OK);
-    assert_eq!(alice.seen_header("x-auth-user-name").as_deref(), Some("alice"));
-    assert_eq!(get(Some(token_of("bob")), "/hello").await.status, StatusCode::FORBIDDEN);
-    assert_eq!(get(Some(token_of("carol")), "/hello").await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        alice.seen_header("x-auth-user-name").as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        get(Some(token_of("bob")), "/hello").await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        get(Some(token_of("carol")), "/hello").await.status,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(get(None, "/hello").await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(get(None, "/public/readme.txt").await.status, StatusCode::OK);
     let _ = child.kill().await;

@@ -841,3 +841,41 @@ async fn metrics_count_every_decision_and_iam_call() {
     assert_eq!(value("mfa_gate_inflight_requests"), 0.0);
     assert_eq!(value("mfa_gate_build_info{version=\"0.1.0\"}"), 1.0);
 }
+
+#[tokio::test]
+async fn a_second_unverified_token_never_rides_along() {
+    let h = Harness::start().await;
+    let alice = h.token("alice");
+    let carol = h.token("carol");
+    let bearer = format!("Bearer {carol}");
+    let answer = h
+        .get("/", &[("x-auth-token", &alice), ("authorization", &bearer)])
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.upstream.request_count(), 0);
+    // The same token twice is fine.
+    let same = format!("Bearer {alice}");
+    let answer = h
+        .get("/", &[("x-auth-token", &alice), ("authorization", &same)])
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // Look-alike spellings of the token headers are not forwarded.
+    let answer = h
+        .get(
+            "/",
+            &[
+                ("x-auth-token", &alice),
+                ("x_auth_token", &carol),
+                ("x.auth.token", &carol),
+            ],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let seen = answer.json();
+    let text = seen["headers"].to_string();
+    assert!(
+        !text.contains(&carol),
+        "carol's token reached the upstream: {text}"
+    );
+    assert_eq!(answer.seen_header("x-auth-token"), Some(alice));
+}

@@ -63,7 +63,7 @@ async fn iam_down_is_a_fast_503_and_allowlisted_paths_still_work() {
     .await;
     assert_iam_unavailable(&answer, "connection refused");
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_millis(1500),
         "connection refused took {:?}",
         started.elapsed()
     );
@@ -146,7 +146,7 @@ async fn every_iam_failure_fails_closed() {
             {
                 problems.push(format!("answered {} {:.200}", answer.status, answer.text()));
             }
-            if elapsed > Duration::from_millis(1500) {
+            if elapsed > Duration::from_millis(2000) {
                 problems.push(format!("took {elapsed:?} with iam.timeout = 400ms"));
             }
             if h.upstream.request_count() != 0 {
@@ -303,7 +303,8 @@ async fn upstream_reset_before_headers_is_a_json_502() {
 #[tokio::test]
 async fn upstream_reset_mid_body_is_never_a_clean_end() {
     let url = raw_upstream(|mut stream, _| async move {
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n";
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                    Content-Length: 100000\r\n\r\n";
         let _ = stream.write_all(head.as_bytes()).await;
         let _ = stream.write_all(&[b'x'; 1000]).await;
         let _ = stream.flush().await;
@@ -402,7 +403,8 @@ async fn client_disconnect_mid_request_aborts_the_upstream_request() {
 
     let mut client = TcpStream::connect(h.addr()).await.unwrap();
     let head = format!(
-        "POST /upload HTTP/1.1\r\nHost: gw\r\nX-Auth-Token: {token}\r\nContent-Length: 1000000\r\n\r\n"
+        "POST /upload HTTP/1.1\r\nHost: gw\r\nX-Auth-Token: {token}\r\n\
+         Content-Length: 1000000\r\n\r\n"
     );
     client.write_all(head.as_bytes()).await.unwrap();
     client.write_all(&[b'u'; 10_000]).await.unwrap();
@@ -456,8 +458,8 @@ async fn client_disconnect_mid_request_aborts_the_upstream_request() {
 }
 
 /// With `iam.max_concurrency = 1` and a stalled IAM, many distinct tokens do not queue without
-/// bound: each gets its 503 within about `iam.timeout`, and the IAM never sees more than the cap
-/// (plus the calls the freed permit lets in as the first one times out).
+/// bound: each gets its 503 within about `iam.timeout`, and the IAM never has more than the cap
+/// in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iam_concurrency_cap_gives_fast_503s_not_a_queue() {
     let h = Harness::with_config("[iam]\nmax_concurrency = 1\ntimeout = \"800ms\"\n").await;
@@ -467,7 +469,7 @@ async fn iam_concurrency_cap_gives_fast_503s_not_a_queue() {
     );
     let url = h.url("/app");
     let started = Instant::now();
-    let answers = futures_util::future::join_all((0..24).map(|i| {
+    let asking = tokio::spawn(futures_util::future::join_all((0..24).map(move |i| {
         let url = url.clone();
         async move {
             let token = format!("distinct-token-{i:04}-{}", uuid::Uuid::new_v4().simple());
@@ -475,21 +477,25 @@ async fn iam_concurrency_cap_gives_fast_503s_not_a_queue() {
             let answer = send(Method::GET, &url, &[("x-auth-token", &token)], Bytes::new()).await;
             (answer, asked.elapsed())
         }
-    }))
-    .await;
+    })));
+    // Well inside the first call's timeout, the cap lets exactly one call reach the IAM; without
+    // it all 24 would be there by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = h.sim.calls(Api::VerifyToken);
+    assert!(
+        early <= 1,
+        "{early} verify calls in flight at once with max_concurrency = 1"
+    );
+    let answers = asking.await.unwrap();
     for (answer, elapsed) in &answers {
         assert_iam_unavailable(answer, "saturated");
         assert!(
-            *elapsed < Duration::from_millis(2000),
+            *elapsed < Duration::from_millis(2500),
             "a saturated IAM took {elapsed:?} to refuse (iam.timeout = 800ms)"
         );
     }
-    assert!(started.elapsed() < Duration::from_secs(3));
-    let calls = h.sim.calls(Api::VerifyToken);
-    assert!(
-        (1..=3).contains(&calls),
-        "{calls} verify calls reached the IAM with max_concurrency = 1"
-    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(h.sim.calls(Api::VerifyToken) >= 1);
     assert_eq!(h.upstream.request_count(), 0);
     assert_eq!(h.metric(DENY_IAM).await, 24.0);
 }
@@ -580,4 +586,41 @@ async fn client_gone_during_iam_lookup_leaves_nothing_in_flight() {
     h.sim.set_fault(None, None);
     assert_eq!(h.get_as("/app", "alice").await.status, StatusCode::OK);
     assert_eq!(h.sim.calls(Api::VerifyToken), 1);
+}
+
+/// One bogus token hammered concurrently costs one IAM verify: concurrent misses are coalesced
+/// and the "invalid" answer is cached for `cache.negative_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bogus_token_repeated_costs_one_verify() {
+    let h = Harness::start().await;
+    h.sim.set_fault(
+        Some(Api::VerifyToken),
+        Some(Fault::Latency(Duration::from_millis(200))),
+    );
+    let url = h.url("/app");
+    let answers = futures_util::future::join_all((0..100).map(|_| {
+        let url = url.clone();
+        async move {
+            send(
+                Method::GET,
+                &url,
+                &[("x-auth-token", "the-same-bogus-token")],
+                Bytes::new(),
+            )
+            .await
+        }
+    }))
+    .await;
+    for answer in &answers {
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.text());
+        assert_eq!(answer.error_code(), "MFAGATE.INVALID_TOKEN");
+    }
+    for _ in 0..10 {
+        let answer = h
+            .get("/app", &[("x-auth-token", "the-same-bogus-token")])
+            .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(h.sim.calls(Api::VerifyToken), 1);
+    assert_eq!(h.upstream.request_count(), 0);
 }

@@ -8,12 +8,20 @@
 //! are reported together.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use mfa_gate::dev::upstream::SeenRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::support::Harness;
@@ -155,6 +163,9 @@ fn corpus() -> Vec<Case> {
         case("dotdot_forwarded_as_normalised", get_req("/public/../admin", &[ALICE]), 200, as_alice("/admin")),
         case("encoded_dotdot_forwarded_as_normalised", get_req("/x/%2E%2e/y/./z", &[ALICE]), 200, as_alice("/y/z")),
         case("dotdot_above_root", get_req("/public/../../admin", &[]), 400, Nothing),
+        case("trailing_dotdot_leaves_public", get_req("/public/..", &[]), 401, Nothing),
+        case("trailing_dot_stays_in_public", get_req("/public/.", &[]), 200, anonymous("/public/")),
+        case("trailing_dotdot_inside_public", get_req("/public/x/..", &[]), 200, anonymous("/public/")),
         case("encoded_dotdot_above_root", get_req("/%2e%2e/public/x", &[]), 400, Nothing),
         case("encoded_unreserved_is_decoded_before_matching", get_req("/%70ublic/x", &[]), 200, anonymous("/public/x")),
         case("encoded_unreserved_cannot_hide_admin", get_req("/public/%2E%2E/%61dmin", &[]), 401, Nothing),
@@ -170,6 +181,7 @@ fn corpus() -> Vec<Case> {
         case("encoded_newline", get_req("/public/x%0d%0aX-Auth-Mfa:%20mfa_device", &[]), 400, Nothing),
         case("invalid_percent_escape", get_req("/public/%zz", &[]), 400, Nothing),
         case("truncated_percent_escape", get_req("/public/%2", &[]), 400, Nothing),
+        case("iis_percent_u_encoding", get_req("/public/%u002e%u002e/admin", &[]), 400, Nothing),
         case("double_encoding_is_decoded_once", get_req("/public/%252e%252e/admin", &[]), 200, anonymous("/public/%252e%252e/admin")),
         case("other_escapes_kept_upper_case", get_req("/public/caf%c3%a9", &[]), 200, anonymous("/public/caf%C3%A9")),
         // --- Path parameters on dot segments (Tomcat's `..;`). ---
@@ -223,6 +235,14 @@ fn corpus() -> Vec<Case> {
         case("spoofed_identity_with_real_token", get_req("/app", &[ALICE, "X-Auth-User-Id: spoofed", "X_Auth_User_Name: spoofed", "X.Auth.Domain.Id: spoofed", "x-auth-domain-name: spoofed", "X-AUTH-MFA: spoofed"]), 200, as_alice("/app")),
         case("duplicated_identity_headers", get_req("/app", &[ALICE, "X-Auth-User-Id: spoofed-1", "X-Auth-User-Id: spoofed-2", "X-Auth-Mfa: spoofed", "x-auth-mfa: spoofed"]), 200, as_alice("/app")),
         case("spoofed_forwarding_headers", get_req("/app", &[ALICE, "X-Forwarded-Proto: spoofed", "X_Forwarded_Host: spoofed", "X.Forwarded.Proto: spoofed"]), 200, as_alice("/app")),
+        case("mixed_separator_spelling", get_req("/app", &[ALICE, "X-Auth_User.Id: spoofed", "x.auth_mfa: spoofed", "X_Auth-Domain.Name: spoofed"]), 200, as_alice("/app")),
+        case("token_on_allowlisted_path_carries_no_identity", get_req("/public/x", &[ALICE]), 200, anonymous("/public/x")),
+        case("invalid_token_on_allowlisted_path", get_req("/public/x", &["X-Auth-Token: not-a-real-token"]), 200, anonymous("/public/x")),
+        case("repeated_token_on_allowlisted_path", get_req("/public/x", &[CAROL, ALICE]), 400, Nothing),
+        // --- Hop-by-hop headers: never forwarded (and no h2c upgrade behind the gateway). ---
+        case("h2c_upgrade_not_forwarded", get_req("/public/x", &["Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: spoofed"]), 200, anonymous("/public/x")),
+        case("connection_named_header_dropped", get_req("/public/x", &["Connection: X-Hop", "X-Hop: spoofed"]), 200, anonymous("/public/x")),
+        case("proxy_and_hop_headers_dropped", get_req("/public/x", &["Proxy-Authorization: Basic spoofed", "Proxy-Connection: spoofed", "Keep-Alive: spoofed", "TE: spoofed"]), 200, anonymous("/public/x")),
         case("spoofed_mfa_does_not_help_carol", get_req("/app", &[CAROL, "X-Auth-Mfa: mfa_device", "X_Auth_Mfa: mfa_device"]), 403, Nothing),
         // --- Identity rule: break-glass for carol, only in its subtree. ---
         case("identity_rule_in_subtree", get_req("/breakglass/tools", &[CAROL]), 200, get("/breakglass/tools", Some("carol"), "none")),
@@ -235,7 +255,8 @@ fn corpus() -> Vec<Case> {
         case("repeated_x_auth_token", get_req("/app", &[CAROL, ALICE]), 400, Nothing),
         case("repeated_x_auth_token_other_case", get_req("/app", &["x-auth-token: {carol}", "X-AUTH-TOKEN: {alice}"]), 400, Nothing),
         case("repeated_authorization", get_req("/app", &["Authorization: Bearer {carol}", "Authorization: Bearer {alice}"]), 400, Nothing),
-        case("x_auth_token_wins_over_authorization", get_req("/app", &[CAROL, "Authorization: Bearer {alice}"]), 403, Nothing),
+        // Two different tokens: only one could be verified, the other would ride along. Refused.
+        case("two_different_tokens_are_refused", get_req("/app", &[CAROL, "Authorization: Bearer {alice}"]), 400, Nothing),
         case("underscore_token_header_is_not_the_token", get_req("/app", &["X_Auth_Token: {alice}"]), 401, Nothing),
         case("two_tokens_in_one_header", get_req("/app", &["X-Auth-Token: {carol}, {alice}"]), 401, Nothing),
         case("non_ascii_token", b"GET /app HTTP/1.1\r\nHost: gw\r\nX-Auth-Token: caf\xc3\xa9\r\n\r\n", 401, Nothing),
@@ -244,6 +265,7 @@ fn corpus() -> Vec<Case> {
         case("repeated_host", b"GET /public/x HTTP/1.1\r\nHost: gw\r\nHost: evil.example\r\n\r\n", 400, Nothing),
         case("repeated_host_other_case", b"GET /public/x HTTP/1.1\r\nHost: gw\r\nhost: gw\r\n\r\n", 400, Nothing),
         case("missing_host_http11", b"GET /public/x HTTP/1.1\r\n\r\n", 400, Nothing),
+        case("absolute_form_without_host_http11", b"GET http://gw/public/x HTTP/1.1\r\n\r\n", 400, Nothing),
         case("http10_without_host_allowlisted", b"GET /public/x HTTP/1.0\r\n\r\n", 200, anonymous("/public/x")),
         case("http10_without_host_with_token", "GET /app HTTP/1.0\r\nX-Auth-Token: {alice}\r\n\r\n", 200, as_alice("/app")),
         case("http10_without_host_no_token", b"GET /admin HTTP/1.0\r\n\r\n", 401, Nothing),
@@ -255,6 +277,8 @@ fn corpus() -> Vec<Case> {
         case("absolute_form_encoded_slash", b"GET http://gw/public%2f..%2fadmin HTTP/1.1\r\nHost: gw\r\n\r\n", 400, Nothing),
         case_any("connect_is_never_tunnelled", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", &[400, 405], Nothing),
         case("asterisk_form", b"OPTIONS * HTTP/1.1\r\nHost: gw\r\n\r\n", 400, Nothing),
+        case("asterisk_form_with_get", b"GET * HTTP/1.1\r\nHost: gw\r\n\r\n", 400, Nothing),
+        case("authority_form_with_get", b"GET gw:80 HTTP/1.1\r\nHost: gw\r\n\r\n", 400, Nothing),
         // --- Connection naming identity headers: refused. ---
         case("connection_names_user_id", get_req("/app", &[ALICE, "Connection: X-Auth-User-Id"]), 400, Nothing),
         case("connection_names_mfa_underscore", get_req("/app", &[ALICE, "Connection: keep-alive, x_auth_mfa"]), 400, Nothing),
@@ -265,6 +289,7 @@ fn corpus() -> Vec<Case> {
         case("forwarded_uri_on_proxy_path_stripped", get_req("/app", &[ALICE, "X-Forwarded-Uri: /spoofed", "X-Original-URI: /spoofed", "X_Original_Uri: /spoofed", "X-Original-Method: spoofed"]), 200, as_alice("/app")),
         case("forwarded_uri_from_untrusted_peer", get_req("/.mfa-gate/auth", &["X-Forwarded-Uri: /public/x", "X-Forwarded-Method: GET"]), 401, Nothing),
         case("original_uri_from_untrusted_peer", get_req("/.mfa-gate/auth", &["X-Original-URI: /status", "X-Original-Method: GET"]), 401, Nothing),
+        case("malformed_forwarded_uri_from_untrusted_peer_is_ignored", get_req("/.mfa-gate/auth", &["X-Forwarded-Uri: /public/..%2fadmin"]), 401, Nothing),
         case("decision_endpoint_never_forwards", get_req("/.mfa-gate/auth", &[ALICE]), 200, Nothing),
         case("decision_endpoint_dotdot_spelling", get_req("/public/../.mfa-gate/auth", &[ALICE, "X-Forwarded-Uri: /public/x"]), 200, Nothing),
         // --- Framing: smuggling shapes are refused before anything is forwarded. ---
@@ -391,6 +416,22 @@ fn check_effect(h: &Harness, effect: Effect, seen: &[SeenRequest]) -> Vec<String
             ));
         }
         if [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-connection",
+            "proxy-authorization",
+            "http2-settings",
+        ]
+        .contains(&folded.as_str())
+        {
+            problems.push(format!(
+                "hop-by-hop header reached the upstream: {name}: {value}"
+            ));
+        }
+        if [
             "x-http-method-override",
             "x-forwarded-uri",
             "x-original-uri",
@@ -425,17 +466,18 @@ async fn run(case: Case) -> Result<(), String> {
     match reply.status {
         Some(status) if case.status.contains(&status) => {}
         Some(status) => problems.push(format!(
-            "status {status}, expected {:?}; answer {:.300}",
+            "status {status}, expected {:?}; answer {:?}",
             case.status,
-            String::from_utf8_lossy(&reply.raw)
+            short(&reply.raw)
         )),
         None => problems.push(format!(
             "no answer (connection closed or timed out), expected {:?}",
             case.status
         )),
     }
-    // The gateway's own refusals are JSON with the contract's error codes.
-    if let Some(status @ (400 | 401 | 403 | 431)) = reply.status {
+    // The gateway's own refusals are JSON with the contract's error codes. hyper answers the
+    // requests it cannot parse itself, with an empty body; those are judged by status alone.
+    if let (Some(status @ (400 | 401 | 403 | 431)), false) = (reply.status, reply.body.is_empty()) {
         let code = match status {
             400 | 431 => "MFAGATE.BAD_REQUEST",
             403 => "MFAGATE.NO_MFA",
@@ -443,9 +485,32 @@ async fn run(case: Case) -> Result<(), String> {
         };
         if !String::from_utf8_lossy(&reply.body).contains(code) {
             problems.push(format!(
-                "{status} without a {code} JSON body: {:.300}",
-                String::from_utf8_lossy(&reply.raw)
+                "{status} without a {code} JSON body: {:?}",
+                short(&reply.raw)
             ));
+        }
+    }
+    if reply.status == Some(401)
+        && !reply
+            .header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Bearer"))
+    {
+        problems.push(format!(
+            "401 without WWW-Authenticate: Bearer: {:?}",
+            short(&reply.raw)
+        ));
+    }
+    // The gateway's own answers never echo a token (the upstream's echo does, legitimately).
+    if reply.status != Some(200) {
+        for name in ["alice", "carol"] {
+            let token = h.token(name);
+            if reply
+                .raw
+                .windows(token.len())
+                .any(|w| w == token.as_bytes())
+            {
+                problems.push(format!("{name}'s token echoed in the answer"));
+            }
         }
     }
     problems.extend(check_effect(&h, case.effect, &h.upstream.requests()));
@@ -454,6 +519,11 @@ async fn run(case: Case) -> Result<(), String> {
     } else {
         Err(format!("{}: {}", case.name, problems.join("; ")))
     }
+}
+
+/// The first bytes of an answer, for a one-line failure message.
+fn short(raw: &[u8]) -> String {
+    String::from_utf8_lossy(&raw[..raw.len().min(300)]).into_owned()
 }
 
 fn replace(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
@@ -526,6 +596,37 @@ async fn forwarded_uri_is_believed_from_trusted_proxies_only() {
     );
     let reply = exchange(trusted.addr(), ask.as_bytes()).await;
     assert_eq!(reply.status, Some(401), "{}", reply.text());
+    // X-Forwarded-* wins over X-Original-*.
+    for (forwarded, original, status) in
+        [("/admin", "/public/x", 401), ("/public/x", "/admin", 200)]
+    {
+        let ask = get_req(
+            "/.mfa-gate/auth",
+            &[
+                &format!("X-Forwarded-Uri: {forwarded}"),
+                &format!("X-Original-URI: {original}"),
+            ],
+        );
+        let reply = exchange(trusted.addr(), ask.as_bytes()).await;
+        assert_eq!(
+            reply.status,
+            Some(status),
+            "{forwarded} over {original}: {}",
+            reply.text()
+        );
+    }
+    // Methods are case-sensitive here too: `get` does not match a GET-only rule.
+    for (method, status) in [("GET", 200), ("get", 401), ("POST", 401)] {
+        let ask = get_req(
+            "/.mfa-gate/auth",
+            &[
+                "X-Original-URI: /status",
+                &format!("X-Original-Method: {method}"),
+            ],
+        );
+        let reply = exchange(trusted.addr(), ask.as_bytes()).await;
+        assert_eq!(reply.status, Some(status), "{method}: {}", reply.text());
+    }
     assert_eq!(trusted.upstream.request_count(), 0);
     assert_eq!(untrusted.upstream.request_count(), 0);
 }
@@ -601,6 +702,216 @@ async fn slowloris_heads_are_cut_off_and_never_forwarded() {
     assert_eq!(reply.status, Some(200), "{}", reply.text());
 }
 
+/// Pipelined requests are judged one by one: an allowlisted first request does not carry a
+/// second one past the gateway, in the same write or hidden in a body.
+#[tokio::test]
+async fn pipelined_requests_are_judged_one_by_one() {
+    let h = Harness::with_config(CONFIG).await;
+    let mut conn = RawConn::open(h.addr()).await;
+    conn.send(
+        format!(
+            "{}{}{}",
+            get_req("/public/x", &[]),
+            get_req("/admin", &[]),
+            request("GET", "/status", &["Content-Length: 33"])
+                + "GET /admin HTTP/1.1\r\nHost: gw\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let wait = Duration::from_secs(5);
+    let first = conn.reply(false, wait).await;
+    let second = conn.reply(false, wait).await;
+    let third = conn.reply(false, wait).await;
+    assert_eq!(first.status, Some(200), "{}", first.text());
+    assert_eq!(second.status, Some(401), "{}", second.text());
+    assert_eq!(third.status, Some(200), "{}", third.text());
+    // The body of the third request is a body, not a fourth request.
+    let fourth = conn.reply(false, Duration::from_millis(300)).await;
+    assert_eq!(fourth.status, None, "{}", fourth.text());
+    let seen = h.upstream.requests();
+    let uris: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+    assert_eq!(uris, ["/public/x", "/status"]);
+    assert_eq!(seen[1].body_len, 33);
+}
+
+/// The same rules over HTTP/2 (h2c prior knowledge): path tricks, repeated tokens and spoofed
+/// identity headers get the same answers as over HTTP/1.1.
+#[tokio::test]
+async fn http2_requests_get_the_same_judgement() {
+    let h = Harness::with_config(CONFIG).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let alice = h.token("alice");
+    let carol = h.token("carol");
+    // (path, headers, status, the uri forwarded if any)
+    type H2Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, Option<&'a str>);
+    let cases: Vec<H2Case> = vec![
+        ("/public/../admin", vec![], 401, None),
+        ("/public/%2e%2E/admin", vec![], 401, None),
+        ("/public%2fx", vec![], 400, None),
+        ("/public/..;/admin", vec![], 400, None),
+        ("/public/x%00", vec![], 400, None),
+        ("//public/./x", vec![], 200, Some("/public/x")),
+        ("/status/", vec![], 401, None),
+        (
+            "/app",
+            vec![("x-auth-token", &carol), ("x-auth-token", &alice)],
+            400,
+            None,
+        ),
+        (
+            "/app",
+            vec![("x-auth-token", &carol), ("x-auth-mfa", "mfa_device")],
+            403,
+            None,
+        ),
+        (
+            "/app",
+            vec![
+                ("x-auth-token", &alice),
+                ("x_auth_user_id", "spoofed"),
+                ("x.auth.mfa", "spoofed"),
+                ("x-http-method-override", "DELETE"),
+            ],
+            200,
+            Some("/app"),
+        ),
+    ];
+    for (path, headers, status, forwarded) in cases {
+        h.upstream.clear();
+        let mut request = Request::get(h.url(path));
+        for (name, value) in &headers {
+            request = request.header(*name, *value);
+        }
+        let response = client
+            .request(request.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status().as_u16(), status, "h2 {path} {headers:?}");
+        let _ = response.into_body().collect().await;
+        let seen = h.upstream.requests();
+        match forwarded {
+            None => assert!(seen.is_empty(), "h2 {path}: forwarded {seen:?}"),
+            Some(uri) => {
+                assert_eq!(seen.len(), 1, "h2 {path}");
+                assert_eq!(seen[0].uri, uri);
+                assert!(
+                    seen[0].headers.iter().all(|(_, v)| !v.contains(SPOOF)),
+                    "h2 {path}: {:?}",
+                    seen[0].headers
+                );
+                assert_eq!(seen[0].header("x-http-method-override"), None);
+                assert_eq!(seen[0].method, "GET");
+                let mfa = if path == "/app" { "mfa_device" } else { "none" };
+                assert_eq!(seen[0].header_values("x-auth-mfa"), [mfa]);
+            }
+        }
+    }
+}
+
+/// A raw upstream that answers every request head with `answer` and records every byte it
+/// receives afterwards on that connection.
+async fn recording_upstream(answer: &'static str) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let received: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+    let record = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16384];
+                let mut answered = false;
+                loop {
+                    let read =
+                        tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf));
+                    match read.await {
+                        Ok(Ok(0) | Err(_)) => return,
+                        Ok(Ok(n)) => record.lock().unwrap().extend_from_slice(&buf[..n]),
+                        // Quiet for a while: the request is complete.
+                        Err(_) if !answered => {
+                            answered = true;
+                            let _ = stream.write_all(answer.as_bytes()).await;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    (url, received)
+}
+
+/// An upgrade the upstream refuses must not turn the client connection into a tunnel: what the
+/// client sends next is a new request, judged by the gateway (WebSocket smuggling).
+#[tokio::test]
+async fn refused_websocket_upgrades_are_not_tunnelled() {
+    let (url, received) =
+        recording_upstream("HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n").await;
+    let h = Harness::with_upstream(CONFIG, &url).await;
+    let mut conn = RawConn::open(h.addr()).await;
+    conn.send(
+        get_req(
+            "/public/ws",
+            &[
+                "Connection: Upgrade",
+                "Upgrade: websocket",
+                "Sec-WebSocket-Version: 1337",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            ],
+        )
+        .as_bytes(),
+    );
+    let reply = conn.reply(false, Duration::from_secs(5)).await;
+    assert_eq!(reply.status, Some(426), "{}", reply.text());
+    conn.send(get_req("/admin", &["X-Smuggled: yes"]).as_bytes());
+    let reply = conn.reply(false, Duration::from_secs(5)).await;
+    assert_eq!(reply.status, Some(401), "{}", reply.text());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let received = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+    assert!(received.starts_with("GET /public/ws "), "{received}");
+    assert!(!received.contains("/admin"), "smuggled through: {received}");
+    assert!(
+        !received.contains("X-Smuggled"),
+        "smuggled through: {received}"
+    );
+}
+
+/// Identity headers sent as chunked trailers are client-supplied header fields too: they never
+/// reach the upstream.
+#[tokio::test]
+async fn identity_headers_in_trailers_never_reach_the_upstream() {
+    let (url, received) =
+        recording_upstream("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let h = Harness::with_upstream(CONFIG, &url).await;
+    let token = h.token("alice");
+    let ask = format!(
+        "POST /app HTTP/1.1\r\nHost: gw\r\nX-Auth-Token: {token}\r\nTE: trailers\r\n\
+         Trailer: X-Auth-User-Id, X-Auth-Mfa\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\n\
+         X-Auth-User-Id: spoofed\r\nX-Auth-Mfa: spoofed\r\nX_Auth_User_Name: spoofed\r\n\r\n"
+    );
+    let reply = exchange(h.addr(), ask.as_bytes()).await;
+    assert!(matches!(reply.status, Some(200 | 400)), "{}", reply.text());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let received = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+    assert!(
+        !received.contains(SPOOF),
+        "spoofed trailer forwarded: {received}"
+    );
+    if reply.status == Some(200) {
+        let alice = h.user("alice");
+        assert!(
+            received
+                .to_ascii_lowercase()
+                .contains(&format!("x-auth-user-id: {}", alice.user_id)),
+            "{received}"
+        );
+    }
+}
+
 /// Reads until the peer closes (`Some(bytes)`) or `wait` passes (`None`).
 async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
     let deadline = Instant::now() + wait;
@@ -647,63 +958,94 @@ pub(crate) async fn exchange(addr: SocketAddr, request: &[u8]) -> Reply {
     exchange_with(addr, request, false, Duration::from_secs(5)).await
 }
 
-/// Sends raw bytes and reads exactly one response, however it is framed. Writing and reading
-/// run side by side, so a server that answers before reading everything (431, 400) is heard;
-/// the write half stays open until the answer is read (a half-close is not a hang-up).
+/// Sends raw bytes on a fresh connection and reads exactly one response, however it is framed.
 pub(crate) async fn exchange_with(
     addr: SocketAddr,
     request: &[u8],
     head_request: bool,
     wait: Duration,
 ) -> Reply {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut reader, mut writer) = stream.into_split();
-    let bytes = request.to_vec();
-    let writing = tokio::spawn(async move {
-        let _ = writer.write_all(&bytes).await;
-        // Hold the write half open until the reader is done.
-        std::future::pending::<()>().await;
-        drop(writer);
-    });
-    let deadline = Instant::now() + wait;
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut eof = false;
-    let reply = loop {
-        if let Some(reply) = parse_reply(&raw, head_request, eof) {
-            break reply;
+    let mut conn = RawConn::open(addr).await;
+    conn.send(request);
+    conn.reply(head_request, wait).await
+}
+
+/// A client connection that writes raw bytes and reads responses one at a time.
+///
+/// Writing runs beside reading, so a server that answers before reading everything (431, 400)
+/// is heard; the write half stays open until the connection is dropped (a half-close is not a
+/// hang-up).
+pub(crate) struct RawConn {
+    reader: OwnedReadHalf,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writes: Vec<JoinHandle<()>>,
+    /// Read, not yet handed out as a [`Reply`].
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl RawConn {
+    pub async fn open(addr: SocketAddr) -> RawConn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (reader, writer) = stream.into_split();
+        RawConn {
+            reader,
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            writes: Vec::new(),
+            pending: Vec::new(),
+            eof: false,
         }
-        if eof {
-            break Reply {
-                status: None,
-                headers: Vec::new(),
-                body: Vec::new(),
-                raw: raw.clone(),
-                complete: false,
-            };
-        }
-        match tokio::time::timeout_at(deadline, reader.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => eof = true,
-            Ok(Ok(n)) => raw.extend_from_slice(&buf[..n]),
-            Err(_) => {
-                // Out of time: whatever was read, judged as if the peer had closed.
-                break parse_reply(&raw, head_request, true).unwrap_or(Reply {
+    }
+
+    /// Queues bytes to write (in order with earlier ones); write errors are ignored.
+    pub fn send(&mut self, bytes: &[u8]) {
+        let bytes = bytes.to_vec();
+        let writer = self.writer.clone();
+        self.writes.push(tokio::spawn(async move {
+            let _ = writer.lock().await.write_all(&bytes).await;
+        }));
+    }
+
+    /// The next response, or a `Reply` with `status: None` if the connection ended (or `wait`
+    /// passed) before a complete head arrived.
+    pub async fn reply(&mut self, head_request: bool, wait: Duration) -> Reply {
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some((reply, used)) = parse_reply(&self.pending, head_request, self.eof) {
+                self.pending.drain(..used);
+                return reply;
+            }
+            if self.eof {
+                return Reply {
                     status: None,
                     headers: Vec::new(),
                     body: Vec::new(),
-                    raw: raw.clone(),
+                    raw: std::mem::take(&mut self.pending),
                     complete: false,
-                });
+                };
+            }
+            match tokio::time::timeout_at(deadline, self.reader.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => self.eof = true,
+                Ok(Ok(n)) => self.pending.extend_from_slice(&buf[..n]),
+                // Out of time: judged as if the peer had closed.
+                Err(_) => self.eof = true,
             }
         }
-    };
-    writing.abort();
-    reply
+    }
 }
 
-/// A complete response at the start of `raw`, if there is one (`eof`: no more bytes will come,
-/// so an unframed or cut-short body ends here).
-fn parse_reply(raw: &[u8], head_request: bool, eof: bool) -> Option<Reply> {
+impl Drop for RawConn {
+    fn drop(&mut self) {
+        for write in &self.writes {
+            write.abort();
+        }
+    }
+}
+
+/// A complete response at the start of `raw` and the number of bytes it took, if there is one
+/// (`eof`: no more bytes will come, so an unframed or cut-short body ends here).
+fn parse_reply(raw: &[u8], head_request: bool, eof: bool) -> Option<(Reply, usize)> {
     let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
@@ -716,66 +1058,72 @@ fn parse_reply(raw: &[u8], head_request: bool, eof: bool) -> Option<Reply> {
         status: Some(status),
         headers,
         body: Vec::new(),
-        raw: raw.to_vec(),
+        raw: Vec::new(),
         complete: true,
     };
     let rest = &raw[head_end..];
-    if head_request || status < 200 || status == 204 || status == 304 {
-        return Some(reply);
-    }
-    let chunked = reply
+    let used = if head_request || status < 200 || status == 204 || status == 304 {
+        head_end
+    } else if reply
         .header("transfer-encoding")
-        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-    if chunked {
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+    {
         match dechunk(rest) {
-            Some(body) => reply.body = body,
+            Some((body, used)) => {
+                reply.body = body;
+                head_end + used
+            }
             None if eof => {
                 reply.body = rest.to_vec();
                 reply.complete = false;
+                raw.len()
             }
             None => return None,
         }
-        return Some(reply);
-    }
-    if let Some(length) = reply
+    } else if let Some(length) = reply
         .header("content-length")
         .and_then(|v| v.parse::<usize>().ok())
     {
         if rest.len() >= length {
             reply.body = rest[..length].to_vec();
+            head_end + length
         } else if eof {
             reply.body = rest.to_vec();
             reply.complete = false;
+            raw.len()
         } else {
             return None;
         }
-        return Some(reply);
-    }
-    // Delimited by the close of the connection.
-    if eof {
+    } else if eof {
+        // Delimited by the close of the connection.
         reply.body = rest.to_vec();
-        Some(reply)
+        raw.len()
     } else {
-        None
-    }
+        return None;
+    };
+    reply.raw = raw[..used].to_vec();
+    Some((reply, used))
 }
 
-/// The body of a complete chunked encoding, or `None` if the last chunk has not arrived.
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+/// The body of a complete chunked encoding and the bytes it took, or `None` if the last chunk
+/// has not arrived.
+fn dechunk(data: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut body = Vec::new();
+    let mut at = 0;
     loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let line_end = at + data[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&data[at..line_end]);
         let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = &data[line_end + 2..];
+        at = line_end + 2;
         if size == 0 {
-            // Trailers (none expected) end with an empty line.
-            return data.windows(2).any(|w| w == b"\r\n").then_some(body);
+            // The last-chunk line's CRLF, any trailer lines, then an empty line.
+            let end = data[at - 2..].windows(4).position(|w| w == b"\r\n\r\n")?;
+            return Some((body, at - 2 + end + 4));
         }
-        if data.len() < size + 2 {
+        if data.len() < at + size + 2 {
             return None;
         }
-        body.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
+        body.extend_from_slice(&data[at..at + size]);
+        at += size + 2;
     }
 }

@@ -18,10 +18,10 @@ use crate::support::Harness;
 
 /// Pieces that make dot segments, escapes, slashes and delimiters collide.
 const HOSTILE: &[&str] = &[
-    "/", "//", ".", "..", "%2e", "%2E", "%2e%2e", "%2E%2e", ".%2e", "%2f", "%2F", "%5c", "%5C", "\\",
-    ";", "..;", ".;", "%3b", "%3f", "%23", "%00", "%0a", "%25", "%252e", "%", "%z", "%41", "%61",
-    "%70ublic", "public", "publicx", "admin", "status", "a", "~", "-", "_", "%7e", "%c3%a9", "?",
-    "#", ":", "@", "*",
+    "/", "//", ".", "..", "%2e", "%2E", "%2e%2e", "%2E%2e", ".%2e", "%2f", "%2F", "%5c", "%5C",
+    "\\", ";", "..;", ".;", "%3b", "%3f", "%23", "%00", "%0a", "%25", "%252e", "%", "%z", "%41",
+    "%61", "%70ublic", "public", "publicx", "admin", "status", "a", "~", "-", "_", "%7e", "%c3%a9",
+    "?", "#", ":", "@", "*",
 ];
 
 fn hostile_path() -> impl Strategy<Value = String> {
@@ -107,13 +107,15 @@ fn header_value() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(any::<u8>(), 0..64),
         "[ \t]{0,2}(Bearer|bearer|BEARER|Basic|Bearer\t)?[ \t]{0,3}[!-~]{0,40}[ \t]{0,2}"
             .prop_map(String::into_bytes),
-        (0usize..3, prop::sample::select(vec![b'a', b' ', b'\x80', b'~'])).prop_map(
-            |(extra, byte)| {
+        (
+            0usize..3,
+            prop::sample::select(vec![b'a', b' ', b'\x80', b'~'])
+        )
+            .prop_map(|(extra, byte)| {
                 let mut value = vec![b'T'; MAX_TOKEN_BYTES - 1 + extra];
                 value.push(byte);
                 value
-            }
-        ),
+            }),
     ]
 }
 
@@ -243,19 +245,31 @@ fn anonymous_200s_only_ever_reach_the_public_subtree() {
                         let upstream_path = uri.split('?').next().unwrap_or_default();
                         prop_assert!(
                             upstream_path == "/public" || upstream_path.starts_with("/public/"),
-                            "anonymous {:?} reached the upstream as {:?}", target, uri
+                            "anonymous {:?} reached the upstream as {:?}",
+                            target,
+                            uri
                         );
                         prop_assert_eq!(
-                            upstream_path, &*normal,
-                            "{:?}: the upstream saw another path than the one matched", target
+                            upstream_path,
+                            &*normal,
+                            "{:?}: the upstream saw another path than the one matched",
+                            target
                         );
                     } else {
-                        prop_assert!(seen.is_empty(), "{:?} answered {:?} but forwarded", target, status);
+                        prop_assert!(
+                            seen.is_empty(),
+                            "{:?} answered {:?} but forwarded",
+                            target,
+                            status
+                        );
                     }
                     let expected = if public { 200 } else { 401 };
                     prop_assert_eq!(
-                        status, Some(expected),
-                        "{:?} (normalised {:?})", target, normal
+                        status,
+                        Some(expected),
+                        "{:?} (normalised {:?})",
+                        target,
+                        normal
                     );
                 }
             }
