@@ -108,6 +108,7 @@ impl Gateway {
             max_header_bytes: config.server.max_header_bytes,
             shutdown_grace: config.server.shutdown_grace,
             tls: tls.clone(),
+            metrics: metrics.clone(),
         };
 
         let listener = TcpListener::bind(config.server.listen)

@@ -31,6 +31,37 @@ pub struct ServeSettings {
     pub shutdown_grace: Duration,
     /// Present when the listener speaks HTTPS; swapped in place when the files change.
     pub tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// A connection ended with an error. Requests hyper refused while parsing (malformed framing,
+/// header syntax, too many or too large headers) never reach the stack, so they are counted
+/// and logged here as `bad_request` decisions; hyper has already answered 400 or 431.
+fn connection_error(
+    err: &(dyn std::error::Error + Send + Sync + 'static),
+    metrics: &crate::metrics::Metrics,
+    peer: std::net::SocketAddr,
+) {
+    let parse = err
+        .downcast_ref::<hyper::Error>()
+        .filter(|err| err.is_parse() || err.is_parse_too_large());
+    match parse {
+        Some(parse) => {
+            let status: u16 = if parse.is_parse_too_large() { 431 } else { 400 };
+            metrics
+                .decisions
+                .with_label_values(&["deny", "bad_request"])
+                .inc();
+            tracing::info!(
+                target: "mfa_gate::access",
+                request_id = "-", method = "-", path = "-", status,
+                decision = "deny", reason = "bad_request", user_id = "-", rule = "-",
+                client = %peer.ip(), latency_ms = 0.0, error = %parse,
+                "request"
+            );
+        }
+        None => tracing::debug!(cause = %err, "connection ended with an error"),
+    }
 }
 
 /// hyper's read buffer: room for the guard to measure an over-long header block and answer
@@ -110,15 +141,17 @@ pub async fn serve(
                     )
                     .into_owned();
                 let conn = watcher.watch(conn);
+                let metrics = settings.metrics.clone();
                 tokio::spawn(async move {
                     if let Err(err) = conn.await {
-                        tracing::debug!(cause = %err, "connection ended with an error");
+                        connection_error(&*err, &metrics, peer);
                     }
                 });
             }
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
                 let handshake_timeout = settings.header_read_timeout;
+                let metrics = settings.metrics.clone();
                 tokio::spawn(async move {
                     let stream = match tokio::time::timeout(
                         handshake_timeout,
@@ -143,7 +176,7 @@ pub async fn serve(
                         )
                         .into_owned();
                     if let Err(err) = watcher.watch(conn).await {
-                        tracing::debug!(cause = %err, "connection ended with an error");
+                        connection_error(&*err, &metrics, peer);
                     }
                 });
             }

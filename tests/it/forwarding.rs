@@ -480,3 +480,22 @@ async fn graceful_shutdown_lets_requests_in_flight_finish() {
         .await
         .expect("gateway stopped after the drain");
 }
+
+#[tokio::test]
+async fn requests_the_http_parser_refuses_are_still_counted() {
+    let h = Harness::start().await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: +5\r\n\r\nhello"[..],
+        b"GET / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: xchunked\r\n\r\n",
+    ] {
+        let answer = raw(h.addr(), request, Duration::from_millis(500)).await;
+        assert_eq!(raw_status(&answer), 400, "{answer}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.metric("mfa_gate_decisions_total{decision=\"deny\",reason=\"bad_request\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(h.upstream.request_count(), 0);
+}
