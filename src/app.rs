@@ -16,6 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::Auth;
 use crate::cache::TokenCache;
 use crate::config::{Config, ProviderKind};
+use crate::iam::alibaba::{AccessKey, CloudSsoConfig, CloudSsoProvider};
 use crate::iam::huawei::{HuaweiConfig, HuaweiProvider};
 use crate::iam::IamProvider;
 use crate::metrics::Metrics;
@@ -57,18 +58,41 @@ fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn I
             },
             metrics.clone(),
         )?)),
-        ProviderKind::AlibabaCloudsso => anyhow::bail!(
-            "iam.provider: \"alibaba_cloudsso\" is accepted by the config schema but not implemented in this version; use \"huawei\""
-        ),
+        ProviderKind::AlibabaCloudsso => {
+            let settings = config
+                .iam
+                .cloudsso
+                .clone()
+                .context("iam: alibaba_cloudsso settings missing")?;
+            let credentials = AccessKey::from_env_or_files(
+                settings.access_key_id_file.as_deref(),
+                settings.access_key_secret_file.as_deref(),
+            )?;
+            Ok(Arc::new(CloudSsoProvider::new(
+                CloudSsoConfig {
+                    endpoint: config.iam.endpoint.clone(),
+                    directory_id: settings.directory_id,
+                    timeout: config.iam.timeout,
+                    max_concurrency: config.iam.max_concurrency,
+                    credentials,
+                    jwt: settings.jwt,
+                },
+                metrics.clone(),
+            )?))
+        }
     }
 }
 
 fn policy(config: &Config) -> Policy {
-    Policy::new(
+    let policy = Policy::new(
         config.policy.clone(),
         config.allow.clone(),
         config.server.trusted_proxies.clone(),
-    )
+    );
+    match config.iam.provider {
+        ProviderKind::Huawei => policy,
+        ProviderKind::AlibabaCloudsso => policy.with_device_factor("cloudsso_mfa"),
+    }
 }
 
 fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
@@ -181,6 +205,7 @@ impl Gateway {
             .context("upstream")?;
         let iam_changed = old.iam.endpoint != config.iam.endpoint
             || old.iam.provider != config.iam.provider
+            || old.iam.cloudsso != config.iam.cloudsso
             || old.iam.timeout != config.iam.timeout
             || old.iam.max_concurrency != config.iam.max_concurrency;
         let provider = if iam_changed {

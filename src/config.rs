@@ -422,6 +422,19 @@ pub struct IamConfig {
     pub endpoint: String,
     pub timeout: Duration,
     pub max_concurrency: usize,
+    /// Present exactly when `provider = "alibaba_cloudsso"`.
+    pub cloudsso: Option<CloudSsoSettings>,
+}
+
+/// The `alibaba_cloudsso` keys of `[iam]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudSsoSettings {
+    pub directory_id: String,
+    /// AccessKey files (else the `ALIBABA_CLOUD_*` environment variables), resolved against
+    /// the config file's directory. Read at start, never logged.
+    pub access_key_id_file: Option<PathBuf>,
+    pub access_key_secret_file: Option<PathBuf>,
+    pub jwt: crate::iam::jwt::JwtSettings,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -543,6 +556,14 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+    }
+    if iam.provider == ProviderKind::AlibabaCloudsso
+        && matches!(policy.require, Require::LoginProtect | Require::All)
+    {
+        return Err(ConfigError::key(
+            "policy.require",
+            "alibaba_cloudsso knows no login protection: use \"mfa_device\" (CloudSSO MFA enabled) or \"any\"",
+        ));
     }
     if server.listen == admin.listen && server.listen.port() != 0 {
         return Err(ConfigError::key(
@@ -805,6 +826,7 @@ fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigErro
             existing_file(key, path, base_dir)?;
         }
     }
+    let mut cloudsso = None;
     match file.provider {
         ProviderKind::Huawei => {
             for (key, set) in [
@@ -834,7 +856,27 @@ fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigErro
             let jwt = file.jwt.as_ref().ok_or_else(|| {
                 ConfigError::key("iam.jwt", "missing: alibaba_cloudsso verifies a bearer JWT")
             })?;
-            validate_jwt(jwt, base_dir)?;
+            let jwt = validate_jwt(jwt, base_dir)?;
+            let resolve = |key: &str, path: &Option<PathBuf>| {
+                path.as_ref()
+                    .map(|path| existing_file(key, path, base_dir))
+                    .transpose()
+            };
+            if file.access_key_id_file.is_some() != file.access_key_secret_file.is_some() {
+                return Err(ConfigError::key(
+                    "iam.access_key_secret_file",
+                    "set access_key_id_file and access_key_secret_file together (or neither, to use ALIBABA_CLOUD_ACCESS_KEY_ID / _SECRET)",
+                ));
+            }
+            cloudsso = Some(CloudSsoSettings {
+                directory_id: file.directory_id.clone().unwrap_or_default(),
+                access_key_id_file: resolve("iam.access_key_id_file", &file.access_key_id_file)?,
+                access_key_secret_file: resolve(
+                    "iam.access_key_secret_file",
+                    &file.access_key_secret_file,
+                )?,
+                jwt,
+            });
             if file.v5.is_some() {
                 return Err(ConfigError::key(
                     "iam.v5",
@@ -859,16 +901,22 @@ fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigErro
         endpoint,
         timeout: positive("iam.timeout", file.timeout)?,
         max_concurrency: file.max_concurrency,
+        cloudsso,
     })
 }
 
-fn validate_jwt(jwt: &JwtFile, base_dir: &Path) -> Result<(), ConfigError> {
-    match (&jwt.jwks_url, &jwt.jwks_file) {
+fn validate_jwt(
+    jwt: &JwtFile,
+    base_dir: &Path,
+) -> Result<crate::iam::jwt::JwtSettings, ConfigError> {
+    use crate::iam::jwt::{Algorithm, JwksLocation, JwtSettings, DEFAULT_LEEWAY};
+    let jwks = match (&jwt.jwks_url, &jwt.jwks_file) {
         (Some(url), None) => {
             iam_endpoint_with_path("iam.jwt.jwks_url", url)?;
+            JwksLocation::Url(url.clone())
         }
         (None, Some(path)) => {
-            existing_file("iam.jwt.jwks_file", path, base_dir)?;
+            JwksLocation::File(existing_file("iam.jwt.jwks_file", path, base_dir)?)
         }
         _ => {
             return Err(ConfigError::key(
@@ -876,7 +924,7 @@ fn validate_jwt(jwt: &JwtFile, base_dir: &Path) -> Result<(), ConfigError> {
                 "set exactly one of jwks_url and jwks_file",
             ))
         }
-    }
+    };
     for (key, value) in [
         ("iam.jwt.issuer", &jwt.issuer),
         ("iam.jwt.audience", &jwt.audience),
@@ -904,7 +952,27 @@ fn validate_jwt(jwt: &JwtFile, base_dir: &Path) -> Result<(), ConfigError> {
             ));
         }
     }
-    Ok(())
+    let algorithms = jwt
+        .algorithms
+        .iter()
+        .enumerate()
+        .map(|(i, alg)| {
+            alg.parse::<Algorithm>().map_err(|_| {
+                ConfigError::key(
+                    format!("iam.jwt.algorithms[{i}]"),
+                    format!("{alg:?} is not supported"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(JwtSettings {
+        jwks,
+        issuer: jwt.issuer.clone(),
+        audience: jwt.audience.clone(),
+        user_id_claim: jwt.user_id_claim.clone(),
+        algorithms,
+        leeway: DEFAULT_LEEWAY,
+    })
 }
 
 /// Like [`iam_endpoint`], for URLs that carry a path (a JWKS document).

@@ -1,50 +1,57 @@
 //! `mfa-gate dev`: the whole story on loopback in one command — an IAM simulator with demo users,
 //! a demo upstream that echoes what it received, and the gateway between them.
+//!
+//! `--provider huawei` (the default) simulates Huawei Cloud IAM; `--provider alibaba_cloudsso`
+//! simulates CloudSSO plus an identity provider that publishes a JWKS and mints demo JWTs.
 
+pub mod cloudsso_sim;
 pub mod iam_sim;
 pub mod upstream;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::app::Gateway;
-use crate::config::Config;
+use crate::config::{Config, ProviderKind};
 
-use self::iam_sim::{IamSim, SimUser};
+use self::cloudsso_sim::{CloudSsoSim, MfaSetting, SimConfig};
+use self::iam_sim::IamSim;
 use self::upstream::DemoUpstream;
 
 /// How long the demo tokens stay valid.
 const DEMO_TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
+/// A demo user as the banner shows it.
+struct DemoUser {
+    name: String,
+    mfa: String,
+    token: String,
+}
+
+/// The simulator behind the demo.
+enum Simulator {
+    Huawei(IamSim),
+    CloudSso {
+        sim: CloudSsoSim,
+        /// Holds the AccessKey files the gateway reads; removed on shutdown.
+        secrets: PathBuf,
+    },
+}
+
 /// The running demo.
 pub struct Dev {
     gateway: Gateway,
     config_text: String,
-    users: Vec<SimUser>,
-    sim: IamSim,
+    users: Vec<DemoUser>,
+    simulator: Simulator,
     upstream: DemoUpstream,
 }
 
-/// The config the demo runs with: a real config file, so that it also shows the format.
-fn dev_config(listen: SocketAddr, admin: SocketAddr, upstream: &str, iam: &str) -> String {
-    format!(
-        r#"[server]
-listen = "{listen}"
-
-[admin]
-listen = "{admin}"
-
-[upstream]
-url = "{upstream}"
-
-[iam]
-provider = "huawei"
-endpoint = "{iam}"
-
+const COMMON: &str = r#"
 [policy]
 require = "mfa_device"
 
@@ -56,21 +63,95 @@ methods = ["GET", "HEAD"]
 [[allow]]
 name = "public"
 paths = ["/public/**"]
-"#
-    )
+"#;
+
+fn listeners(listen: SocketAddr, admin: SocketAddr, upstream: &str) -> String {
+    format!("[server]\nlisten = \"{listen}\"\n\n[admin]\nlisten = \"{admin}\"\n\n[upstream]\nurl = \"{upstream}\"\n")
+}
+
+/// A private directory for the demo's AccessKey files.
+fn secrets_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("mfa-gate-dev-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Starts the simulator, the demo upstream and the gateway.
-pub async fn start(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<Dev> {
+pub async fn start(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    provider: ProviderKind,
+) -> anyhow::Result<Dev> {
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let users = iam_sim::demo_users(DEMO_TOKEN_LIFETIME);
-    let sim = IamSim::start(loopback, users.clone())
-        .await
-        .context("starting the IAM simulator")?;
     let upstream = DemoUpstream::start(loopback)
         .await
         .context("starting the demo upstream")?;
-    let config_text = dev_config(listen, admin, &upstream.url(), &sim.url());
+    let head = listeners(listen, admin, &upstream.url());
+    let (simulator, config_text, users) = match provider {
+        ProviderKind::Huawei => {
+            let users = iam_sim::demo_users(DEMO_TOKEN_LIFETIME);
+            let sim = IamSim::start(loopback, users.clone())
+                .await
+                .context("starting the IAM simulator")?;
+            let text = format!(
+                "{head}\n[iam]\nprovider = \"huawei\"\nendpoint = \"{}\"\n{COMMON}",
+                sim.url()
+            );
+            let users = users
+                .into_iter()
+                .map(|user| DemoUser {
+                    mfa: match (&user.mfa_device, &user.login_protect) {
+                        (Some(_), _) => "virtual MFA device bound".to_string(),
+                        (None, Some((true, method))) => {
+                            format!("no MFA device; login protection by {method}")
+                        }
+                        _ => "no MFA at all".to_string(),
+                    },
+                    name: user.user_name,
+                    token: user.token,
+                })
+                .collect();
+            (Simulator::Huawei(sim), text, users)
+        }
+        ProviderKind::AlibabaCloudsso => {
+            let directory = cloudsso_sim::demo_users();
+            let config = SimConfig::demo();
+            let sim = CloudSsoSim::start(loopback, config.clone(), directory.clone())
+                .await
+                .context("starting the CloudSSO simulator")?;
+            let secrets = secrets_dir()?;
+            let id_file = secrets.join("access-key-id");
+            let secret_file = secrets.join("access-key-secret");
+            std::fs::write(&id_file, &config.access_key_id)?;
+            std::fs::write(&secret_file, &config.access_key_secret)?;
+            let text = format!(
+                "{head}\n[iam]\nprovider = \"alibaba_cloudsso\"\nendpoint = \"{}\"\ndirectory_id = \"{}\"\naccess_key_id_file = \"{}\"\naccess_key_secret_file = \"{}\"\n\n[iam.jwt]\njwks_url = \"{}\"\nissuer = \"{}\"\naudience = \"{}\"\n{COMMON}",
+                sim.url(),
+                sim.directory_id(),
+                id_file.display(),
+                secret_file.display(),
+                sim.jwks_url(),
+                sim.issuer(),
+                sim.audience(),
+            );
+            let users = directory
+                .iter()
+                .map(|user| DemoUser {
+                    name: user.user_name.clone(),
+                    mfa: match user.mfa {
+                        MfaSetting::Enabled => "CloudSSO MFA enabled".to_string(),
+                        MfaSetting::Disabled => "CloudSSO MFA disabled".to_string(),
+                    },
+                    token: sim.mint(&sim.claims_for(
+                        &user.user_id,
+                        &user.user_name,
+                        DEMO_TOKEN_LIFETIME,
+                    )),
+                })
+                .collect();
+            (Simulator::CloudSso { sim, secrets }, text, users)
+        }
+    };
     let config = Config::from_toml(&config_text, Path::new("<dev>"))
         .map_err(|err| anyhow::anyhow!("dev config: {err}"))?;
     let gateway = Gateway::start(config)
@@ -80,7 +161,7 @@ pub async fn start(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<Dev>
         gateway,
         config_text,
         users,
-        sim,
+        simulator,
         upstream,
     })
 }
@@ -93,9 +174,15 @@ impl Dev {
         let token = |name: &str| {
             self.users
                 .iter()
-                .find(|user| user.user_name == name)
+                .find(|user| user.name == name)
                 .map(|user| user.token.clone())
                 .unwrap_or_default()
+        };
+        let simulator = match &self.simulator {
+            Simulator::Huawei(sim) => format!("IAM simulator   {}", sim.url()),
+            Simulator::CloudSso { sim, .. } => {
+                format!("CloudSSO sim    {}  (JWKS {})", sim.url(), sim.jwks_url())
+            }
         };
         let mut out = String::new();
         let _ = writeln!(out, "mfa-gate dev is running\n");
@@ -104,7 +191,7 @@ impl Dev {
             out,
             "  admin           {admin}  (/metrics, /healthz, /readyz)"
         );
-        let _ = writeln!(out, "  IAM simulator   {}", self.sim.url());
+        let _ = writeln!(out, "  {simulator}");
         let _ = writeln!(
             out,
             "  demo upstream   {}  (echoes what it receives)\n",
@@ -116,22 +203,14 @@ impl Dev {
             DEMO_TOKEN_LIFETIME.as_secs() / 3600
         );
         for user in &self.users {
-            let mfa = match (&user.mfa_device, &user.login_protect) {
-                (Some(_), _) => "virtual MFA device bound".to_string(),
-                (None, Some((true, method))) => {
-                    format!("no MFA device; login protection by {method}")
-                }
-                _ => "no MFA at all".to_string(),
-            };
             let _ = writeln!(
                 out,
-                "  {:<6} {mfa}\n         token: {}",
-                user.user_name, user.token
+                "  {:<6} {}\n         token: {}",
+                user.name, user.mfa, user.token
             );
         }
         let alice = token("alice");
         let bob = token("bob");
-        let carol = token("carol");
         let _ = writeln!(out, "\nTry it:");
         let _ = writeln!(
             out,
@@ -140,11 +219,14 @@ impl Dev {
         let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: {alice}'");
         let _ = writeln!(
             out,
-            "  # bob has login protection by SMS only, no MFA device: 403 MFAGATE.NO_MFA"
+            "  # bob has no MFA (the kind the policy counts): 403 MFAGATE.NO_MFA"
         );
         let _ = writeln!(out, "  curl -i {gw}/hello -H 'Authorization: Bearer {bob}'");
-        let _ = writeln!(out, "  # carol has no MFA: 403");
-        let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: {carol}'");
+        if let Simulator::Huawei(_) = self.simulator {
+            let carol = token("carol");
+            let _ = writeln!(out, "  # carol has no MFA: 403");
+            let _ = writeln!(out, "  curl -i {gw}/hello -H 'X-Auth-Token: {carol}'");
+        }
         let _ = writeln!(
             out,
             "  # no token: 401 MFAGATE.NO_TOKEN; a made-up token: 401 MFAGATE.INVALID_TOKEN"
@@ -165,7 +247,7 @@ impl Dev {
         );
         let _ = writeln!(
             out,
-            "  curl -i {gw}/hello -H 'X-Auth-Token: {carol}' -H 'X-Auth-User-Id: admin'"
+            "  curl -i {gw}/hello -H 'X-Auth-Token: {bob}' -H 'X-Auth-User-Id: admin'"
         );
         let _ = writeln!(out, "  curl -i --path-as-is '{gw}/public/../admin'");
         let _ = writeln!(
@@ -197,7 +279,13 @@ impl Dev {
     pub async fn shutdown(self) {
         self.gateway.shutdown();
         self.gateway.wait().await;
-        self.sim.shutdown();
+        match self.simulator {
+            Simulator::Huawei(sim) => sim.shutdown(),
+            Simulator::CloudSso { sim, secrets } => {
+                sim.shutdown();
+                let _ = std::fs::remove_dir_all(secrets);
+            }
+        }
         self.upstream.shutdown();
     }
 }

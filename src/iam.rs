@@ -5,7 +5,10 @@
 //! valid (with facts), the token is not valid (a definite "no" from the IAM, cacheable), or the IAM
 //! could not answer (an [`IamError`], never cached, never read as "has MFA").
 
+pub mod acs3;
+pub mod alibaba;
 pub mod huawei;
+pub mod jwt;
 
 use std::sync::Arc;
 use std::time::SystemTime;

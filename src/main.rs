@@ -37,6 +37,13 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum DevProvider {
+    Huawei,
+    AlibabaCloudsso,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve: forward requests of users with MFA to the upstream.
@@ -67,6 +74,9 @@ enum Command {
         /// Where the admin listener listens.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: std::net::SocketAddr,
+        /// Which IAM to simulate.
+        #[arg(long, value_enum, default_value_t = DevProvider::Huawei)]
+        provider: DevProvider,
     },
 }
 
@@ -75,6 +85,7 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
         EnvFilter::try_new(filter).map_err(|err| format!("--log-level {filter:?}: {err}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -136,7 +147,8 @@ fn main() -> ExitCode {
             Command::Dev {
                 listen,
                 admin_listen,
-            } => match mfa_gate::dev::start(listen, admin_listen).await {
+                provider,
+            } => match mfa_gate::dev::start(listen, admin_listen, provider.into()).await {
                 Ok(dev) => {
                     println!("{}", dev.banner());
                     wait_for_signal().await;
@@ -181,6 +193,15 @@ async fn run(config: Config, path: &Path) -> ExitCode {
     gateway.wait().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+impl From<DevProvider> for mfa_gate::config::ProviderKind {
+    fn from(provider: DevProvider) -> Self {
+        match provider {
+            DevProvider::Huawei => mfa_gate::config::ProviderKind::Huawei,
+            DevProvider::AlibabaCloudsso => mfa_gate::config::ProviderKind::AlibabaCloudsso,
+        }
+    }
 }
 
 /// Exit 0 if `url` answers 2xx within two seconds.

@@ -32,6 +32,9 @@ pub struct Policy {
     rules: Vec<AllowRule>,
     /// Peers whose `X-Forwarded-*` the decision endpoint believes.
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// How the provider's MFA-device fact is named in `X-Auth-Mfa` (`mfa_device` for Huawei,
+    /// `cloudsso_mfa` for CloudSSO).
+    device_factor: &'static str,
 }
 
 impl Policy {
@@ -44,7 +47,14 @@ impl Policy {
             config,
             rules,
             trusted_proxies,
+            device_factor: "mfa_device",
         }
+    }
+
+    /// Names the device factor in `X-Auth-Mfa` differently (per provider).
+    pub fn with_device_factor(mut self, name: &'static str) -> Self {
+        self.device_factor = name;
+        self
     }
 
     pub fn trusted_proxies(&self) -> &[ipnet::IpNet] {
@@ -113,7 +123,7 @@ impl Policy {
         };
         let mut factors = Vec::with_capacity(2);
         if count_device && device {
-            factors.push("mfa_device".to_string());
+            factors.push(self.device_factor.to_string());
         }
         if let (true, Some(method)) = (count_login_protect, login_protect) {
             factors.push(format!("login_protect:{method}"));

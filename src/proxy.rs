@@ -293,8 +293,11 @@ pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
             ("x-auth-domain-id", &identity.domain_id),
             ("x-auth-domain-name", &identity.domain_name),
         ] {
-            // Values come from the IAM; one that is not a valid header value is left out
-            // rather than forwarded mangled.
+            // Values come from the IAM; one that is empty (CloudSSO has no domain name) or
+            // not a valid header value is left out rather than forwarded mangled.
+            if value.is_empty() {
+                continue;
+            }
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(HeaderName::from_static(name), value);
             }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod alibaba;
 mod cli;
 mod dashboards;
 mod enforce;
