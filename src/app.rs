@@ -104,11 +104,42 @@ fn tls_config(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig
         .transpose()
 }
 
+/// Logs the rules of a new config that have lapsed already: they match nothing.
+fn warn_expired(config: &Config) {
+    for rule in config.expired_rules(std::time::SystemTime::now()) {
+        tracing::warn!(rule = %rule.name, expires = %humantime::format_rfc3339_seconds(rule.expires.unwrap_or(std::time::UNIX_EPOCH)), "allow rule has expired and matches nothing");
+    }
+}
+
+/// Logs the moment an allow rule lapses, once, so that the end of a break-glass exception is
+/// in the logs next to the requests it stops letting through.
+async fn watch_lapses(policy: Arc<ArcSwap<Policy>>, mut stop: watch::Receiver<bool>) {
+    let mut last = std::time::SystemTime::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = server::stopped(&mut stop) => return,
+        }
+        let now = std::time::SystemTime::now();
+        for rule in policy.load().rules() {
+            if let Some(expires) = rule.expires {
+                if last < expires && expires <= now {
+                    tracing::warn!(rule = %rule.name, reason = rule.reason.as_deref().unwrap_or("-"), "allow rule lapsed: it matches nothing from now on");
+                }
+            }
+        }
+        last = now;
+    }
+}
+
 impl Gateway {
     /// Builds everything and binds both listeners; serving starts in the background.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let metrics = Arc::new(Metrics::new());
         metrics.touch_allow_rules(config.allow.iter().map(|rule| rule.name.as_str()));
+        metrics.set_rule_expiries(&config.allow);
+        warn_expired(&config);
         let provider = provider(&config, &metrics)?;
         let policy = Arc::new(ArcSwap::from_pointee(policy(&config)));
         let cache = TokenCache::new(provider, policy.clone(), config.cache, metrics.clone());
@@ -152,6 +183,7 @@ impl Gateway {
             draining: false.into(),
         });
         let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(watch_lapses(policy.clone(), stop_rx.clone()));
         let (admin_stop, admin_stop_rx) = watch::channel(false);
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone(), admin_stop_rx));
         let task = tokio::spawn(async move {
@@ -241,6 +273,8 @@ impl Gateway {
 
         self.metrics
             .touch_allow_rules(config.allow.iter().map(|rule| rule.name.as_str()));
+        self.metrics.set_rule_expiries(&config.allow);
+        warn_expired(&config);
         self.live.policy.store(Arc::new(policy(&config)));
         self.live.upstream.store(Arc::new(upstream));
         self.state.token.store(Arc::new(config.admin.token.clone()));

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::cache::TokenCache;
-use crate::config::{Mode, OnIamError};
+use crate::config::{AllowRule, Mode, OnIamError};
 use crate::decision::{Decision, DecisionSlot, Reason};
 use crate::error::GatewayError;
 use crate::iam::TokenStatus;
@@ -51,19 +51,21 @@ impl Auth {
         slot: &DecisionSlot,
     ) -> Result<Principal, GatewayError> {
         let policy = self.policy.load();
-        let decided = |allow: bool, reason: Reason, rule: Option<&str>, user: Option<&str>| {
-            slot.set(Decision {
-                allow,
-                reason,
-                rule: rule.map(Arc::from),
-                user_id: user.map(Arc::from),
-            });
-        };
+        let decided =
+            |allow: bool, reason: Reason, rule: Option<&AllowRule>, user: Option<&str>| {
+                slot.set(Decision {
+                    allow,
+                    reason,
+                    rule: rule.map(|rule| Arc::from(rule.name.as_str())),
+                    rule_reason: rule.and_then(|rule| rule.reason.clone()),
+                    user_id: user.map(Arc::from),
+                });
+            };
         let none = HeaderValue::from_static("none");
 
         if let Some(rule) = policy.match_request(subject) {
             self.count_rule(&rule.name);
-            decided(true, Reason::Allowlisted, Some(&rule.name), None);
+            decided(true, Reason::Allowlisted, Some(rule), None);
             return Ok(Principal {
                 user: None,
                 mfa: none,
@@ -92,7 +94,7 @@ impl Auth {
 
         if let Some(rule) = policy.match_identity(subject, &facts.identity) {
             self.count_rule(&rule.name);
-            decided(true, Reason::Allowlisted, Some(&rule.name), Some(user_id));
+            decided(true, Reason::Allowlisted, Some(rule), Some(user_id));
             return Ok(Principal {
                 user: Some(facts.clone()),
                 mfa: none,
@@ -117,7 +119,9 @@ impl Auth {
             }
             Mode::Enforce => {
                 decided(false, Reason::NoMfa, None, Some(user_id));
-                Err(GatewayError::NoMfa)
+                Err(GatewayError::NoMfa {
+                    help_url: policy.help_url().cloned(),
+                })
             }
         }
     }
@@ -225,6 +229,7 @@ where
                     method: &method,
                     path: &path,
                     peer: info.peer.ip(),
+                    now: std::time::SystemTime::now(),
                 };
                 let principal = auth.decide(subject, info.token.as_ref(), &slot).await?;
                 let mut response = Response::new(proxy::full_body(""));
@@ -237,6 +242,7 @@ where
                 method: request.method(),
                 path: &info.path,
                 peer: info.peer.ip(),
+                now: std::time::SystemTime::now(),
             };
             let principal = auth.decide(subject, info.token.as_ref(), &slot).await?;
             request.extensions_mut().insert(principal);

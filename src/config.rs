@@ -298,6 +298,8 @@ pub struct PolicyFile {
     pub require_totp_login: bool,
     pub mode: Mode,
     pub on_iam_error: OnIamError,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub help_url: Option<String>,
 }
 
 impl Default for PolicyFile {
@@ -308,6 +310,7 @@ impl Default for PolicyFile {
             require_totp_login: false,
             mode: Mode::Enforce,
             on_iam_error: OnIamError::Deny,
+            help_url: None,
         }
     }
 }
@@ -353,6 +356,12 @@ pub struct AllowFile {
     pub user_names: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain_ids: Option<Vec<String>>,
+    /// Why the rule exists (logged with each match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339 instant at which the rule stops matching (break-glass with an end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }
 
 // ----- the validated config -----
@@ -450,6 +459,8 @@ pub struct PolicyConfig {
     pub require_totp_login: bool,
     pub mode: Mode,
     pub on_iam_error: OnIamError,
+    /// Where a user denied for missing MFA learns how to set it up (in the 403 answer).
+    pub help_url: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -481,9 +492,17 @@ pub struct AllowRule {
     pub user_ids: Option<Vec<String>>,
     pub user_names: Option<Vec<String>>,
     pub domain_ids: Option<Vec<String>>,
+    pub reason: Option<std::sync::Arc<str>>,
+    /// The rule matches nothing from this instant on.
+    pub expires: Option<std::time::SystemTime>,
 }
 
 impl AllowRule {
+    /// Whether the rule has lapsed at `now`.
+    pub fn expired_at(&self, now: std::time::SystemTime) -> bool {
+        self.expires.is_some_and(|expires| now >= expires)
+    }
+
     /// A rule with any identity matcher needs a verified identity (CONTRACT §3).
     pub fn is_identity_rule(&self) -> bool {
         self.user_ids.is_some() || self.user_names.is_some() || self.domain_ids.is_some()
@@ -491,6 +510,14 @@ impl AllowRule {
 }
 
 impl Config {
+    /// Allow rules that have already lapsed at `now` (worth a warning: they match nothing).
+    pub fn expired_rules(&self, now: std::time::SystemTime) -> Vec<&AllowRule> {
+        self.allow
+            .iter()
+            .filter(|rule| rule.expired_at(now))
+            .collect()
+    }
+
     /// Reads, parses and validates a config file. Reading key files (`admin.token_file`) is
     /// the only other I/O: nothing is bound or contacted.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1009,7 +1036,23 @@ fn validate_policy(file: &PolicyFile) -> Result<PolicyConfig, ConfigError> {
             "is empty, so no user could ever satisfy policy.require",
         ));
     }
+    let help_url = match &file.help_url {
+        None => None,
+        Some(url) => {
+            let parsed: http::Uri = url.parse().map_err(|_| {
+                ConfigError::key("policy.help_url", format!("{url:?} is not a URL"))
+            })?;
+            if !matches!(parsed.scheme_str(), Some("https" | "http")) || parsed.host().is_none() {
+                return Err(ConfigError::key(
+                    "policy.help_url",
+                    format!("{url:?} must be an absolute http(s) URL"),
+                ));
+            }
+            Some(std::sync::Arc::from(url.as_str()))
+        }
+    };
     Ok(PolicyConfig {
+        help_url,
         require: file.require,
         login_protect_methods: methods,
         require_totp_login: file.require_totp_login,
@@ -1114,7 +1157,25 @@ fn validate_allow(index: usize, file: &AllowFile) -> Result<AllowRule, ConfigErr
             }
             Ok(list.map(<[String]>::to_vec))
         };
+    let expires = match &file.expires {
+        None => None,
+        Some(text) => Some(humantime::parse_rfc3339_weak(text).map_err(|_| {
+            ConfigError::key(
+                key("expires"),
+                format!("{text:?} is not an RFC 3339 time like \"2026-12-31T23:59:59Z\""),
+            )
+        })?),
+    };
+    let reason = match file.reason.as_deref().map(str::trim) {
+        Some("") => return Err(ConfigError::key(key("reason"), "must not be empty")),
+        Some(reason) if reason.chars().any(char::is_control) => {
+            return Err(ConfigError::key(key("reason"), "must be one line of text"))
+        }
+        other => other.map(std::sync::Arc::from),
+    };
     let rule = AllowRule {
+        reason,
+        expires,
         name: name.to_string(),
         paths,
         methods,
@@ -1472,9 +1533,19 @@ mod tests {
                 "is empty",
             ),
             (
-                "name = \"u\"\nreason = \"x\"\npaths = [\"/x\"]\n",
+                "name = \"u\"\nreasn = \"x\"\npaths = [\"/x\"]\n",
                 "allow[0]",
-                "unknown field `reason`",
+                "unknown field `reasn`",
+            ),
+            (
+                "name = \"u\"\nexpires = \"tomorrow\"\npaths = [\"/x\"]\n",
+                "allow[0].expires",
+                "RFC 3339",
+            ),
+            (
+                "name = \"u\"\nreason = \"\"\npaths = [\"/x\"]\n",
+                "allow[0].reason",
+                "must not be empty",
             ),
         ] {
             let message = error(&format!("{MINIMAL}[[allow]]\n{rule}"));

@@ -38,6 +38,8 @@ pub struct Decision {
     pub reason: Reason,
     /// The allow rule that matched, if any.
     pub rule: Option<Arc<str>>,
+    /// That rule's `reason`, logged with each match.
+    pub rule_reason: Option<Arc<str>>,
     /// The user, once known.
     pub user_id: Option<Arc<str>>,
 }

@@ -38,7 +38,10 @@ pub enum GatewayError {
     #[error("invalid token")]
     InvalidToken,
     #[error("user has no MFA")]
-    NoMfa,
+    NoMfa {
+        /// `policy.help_url`: where to learn how to set MFA up.
+        help_url: Option<std::sync::Arc<str>>,
+    },
     #[error("IAM unavailable")]
     IamUnavailable(#[source] std::sync::Arc<IamError>),
     #[error("upstream unavailable")]
@@ -72,7 +75,7 @@ impl GatewayError {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::NoToken | GatewayError::InvalidToken => StatusCode::UNAUTHORIZED,
-            GatewayError::NoMfa => StatusCode::FORBIDDEN,
+            GatewayError::NoMfa { .. } => StatusCode::FORBIDDEN,
             GatewayError::IamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -87,7 +90,7 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. }
             | GatewayError::NoToken
             | GatewayError::InvalidToken
-            | GatewayError::NoMfa => Fault::Client,
+            | GatewayError::NoMfa { .. } => Fault::Client,
             GatewayError::IamUnavailable(_) => Fault::Iam,
             GatewayError::UpstreamUnavailable(_) | GatewayError::UpstreamTimeout(_) => {
                 Fault::Upstream
@@ -105,7 +108,7 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. } => Some(Reason::BadRequest),
             GatewayError::NoToken => Some(Reason::NoToken),
             GatewayError::InvalidToken => Some(Reason::InvalidToken),
-            GatewayError::NoMfa => Some(Reason::NoMfa),
+            GatewayError::NoMfa { .. } => Some(Reason::NoMfa),
             GatewayError::IamUnavailable(_) => Some(Reason::IamUnavailable),
             GatewayError::UpstreamUnavailable(_)
             | GatewayError::UpstreamTimeout(_)
@@ -120,7 +123,7 @@ impl GatewayError {
             | GatewayError::HeadersTooLarge { .. } => "MFAGATE.BAD_REQUEST",
             GatewayError::NoToken => "MFAGATE.NO_TOKEN",
             GatewayError::InvalidToken => "MFAGATE.INVALID_TOKEN",
-            GatewayError::NoMfa => "MFAGATE.NO_MFA",
+            GatewayError::NoMfa { .. } => "MFAGATE.NO_MFA",
             GatewayError::IamUnavailable(_) => "MFAGATE.IAM_UNAVAILABLE",
             GatewayError::UpstreamUnavailable(_) => "MFAGATE.UPSTREAM_UNAVAILABLE",
             GatewayError::UpstreamTimeout(_) => "MFAGATE.UPSTREAM_TIMEOUT",
@@ -141,7 +144,7 @@ impl GatewayError {
                     .into()
             }
             GatewayError::InvalidToken => "the IAM token is invalid, expired or revoked".into(),
-            GatewayError::NoMfa => {
+            GatewayError::NoMfa { .. } => {
                 "MFA is required: bind a virtual MFA device to your IAM user".into()
             }
             GatewayError::IamUnavailable(_) => {
@@ -155,21 +158,38 @@ impl GatewayError {
         }
     }
 
-    /// The JSON answer of CONTRACT §4, with `WWW-Authenticate` on 401 (RFC 6750 §3).
-    pub fn into_response(self, request_id: &str) -> Response<Body> {
-        let body = serde_json::json!({
-            "error_code": self.code(),
-            "error_msg": self.message(),
-            "request_id": request_id,
-        });
+    /// The JSON answer of CONTRACT §4, with `WWW-Authenticate` on 401 (RFC 6750 §3). With
+    /// `html`, a 401 or 403 is a short page in plain words instead, for people in browsers.
+    pub fn into_response(self, request_id: &str, html: bool) -> Response<Body> {
+        let help_url = match &self {
+            GatewayError::NoMfa { help_url } => help_url.clone(),
+            _ => None,
+        };
+        let as_html = html && matches!(self.status().as_u16(), 401 | 403);
+        let (content_type, text) = if as_html {
+            (
+                "text/html; charset=utf-8",
+                self.page(request_id, help_url.as_deref()),
+            )
+        } else {
+            let mut body = serde_json::json!({
+                "error_code": self.code(),
+                "error_msg": self.message(),
+                "request_id": request_id,
+            });
+            if let Some(url) = &help_url {
+                body["help_url"] = serde_json::Value::from(url.as_ref());
+            }
+            ("application/json", body.to_string())
+        };
         let mut response = Response::new(
-            Full::new(Bytes::from(body.to_string()))
+            Full::new(Bytes::from(text))
                 .map_err(|never| match never {})
                 .boxed_unsync(),
         );
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
             GatewayError::NoToken => {
@@ -191,4 +211,48 @@ impl GatewayError {
         }
         response
     }
+
+    /// The browser version of a 401/403: what happened and what to do, in plain words.
+    fn page(&self, request_id: &str, help_url: Option<&str>) -> String {
+        let (title, advice) = match self {
+            GatewayError::NoMfa { .. } => (
+                "Multi-factor authentication required",
+                "Your account can sign in, but this application only lets in users who protect \
+                 their account with MFA. Bind a virtual MFA device to your IAM user, sign in \
+                 again, and reload this page.",
+            ),
+            GatewayError::NoToken => (
+                "Sign-in required",
+                "This application needs your cloud IAM token. Sign in through your company's \
+                 portal, or send the token in the X-Auth-Token header.",
+            ),
+            _ => (
+                "Your session is not valid",
+                "The IAM token sent with this request is invalid, expired or revoked. Sign in \
+                 again and reload this page.",
+            ),
+        };
+        let help = help_url
+            .map(|url| {
+                let url = escape_html(url);
+                format!("<p><a href=\"{url}\">How to set up MFA</a></p>")
+            })
+            .unwrap_or_default();
+        format!(
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\n\
+             <body><h1>{title}</h1>\n<p>{advice}</p>\n{help}\n\
+             <p><small>{code} &middot; request {id}</small></p></body></html>\n",
+            code = self.code(),
+            id = escape_html(request_id),
+        )
+    }
+}
+
+/// Escapes text for an HTML attribute or element.
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }

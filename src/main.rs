@@ -114,6 +114,15 @@ fn main() -> ExitCode {
                     Ok(text) => println!("# effective settings of {}\n{text}", path.display()),
                     Err(err) => eprintln!("mfa-gate: cannot print the effective settings: {err}"),
                 }
+                for rule in config.expired_rules(std::time::SystemTime::now()) {
+                    eprintln!(
+                        "mfa-gate: warning: allow rule {:?} expired at {} and matches nothing",
+                        rule.name,
+                        humantime::format_rfc3339_seconds(
+                            rule.expires.unwrap_or(std::time::UNIX_EPOCH)
+                        )
+                    );
+                }
                 eprintln!("mfa-gate: config OK");
                 ExitCode::SUCCESS
             }

@@ -4,8 +4,8 @@
 //! dashboard shows `0` rather than "no data" before the first event of a kind.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Decision label values.
@@ -75,6 +75,9 @@ pub struct Metrics {
     registry: Registry,
     pub decisions: IntCounterVec,
     pub allowlist_matches: IntCounterVec,
+    /// When each expiring allow rule lapses (Unix seconds), for "break-glass rule expires
+    /// soon / has expired" alerts.
+    pub allowlist_rule_expiry: GaugeVec,
     pub request_duration: HistogramVec,
     pub iam_requests: IntCounterVec,
     pub iam_request_duration: HistogramVec,
@@ -103,6 +106,14 @@ impl Metrics {
             Opts::new(
                 "mfa_gate_allowlist_matches_total",
                 "Requests let through by an [[allow]] rule, by rule name.",
+            ),
+            &["rule"],
+        )
+        .expect("valid metric");
+        let allowlist_rule_expiry = GaugeVec::new(
+            Opts::new(
+                "mfa_gate_allowlist_rule_expiry_timestamp_seconds",
+                "When an [[allow]] rule with `expires` stops matching, as a Unix timestamp.",
             ),
             &["rule"],
         )
@@ -181,6 +192,7 @@ impl Metrics {
         for collector in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(allowlist_matches.clone()),
+            Box::new(allowlist_rule_expiry.clone()),
             Box::new(request_duration.clone()),
             Box::new(iam_requests.clone()),
             Box::new(iam_request_duration.clone()),
@@ -226,6 +238,7 @@ impl Metrics {
             registry,
             decisions,
             allowlist_matches,
+            allowlist_rule_expiry,
             request_duration,
             iam_requests,
             iam_request_duration,
@@ -252,6 +265,22 @@ impl Metrics {
     pub fn touch_allow_rules<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for name in names {
             self.allowlist_matches.with_label_values(&[name]);
+        }
+    }
+
+    /// Publishes the expiry of every expiring rule of the config in force (and forgets rules
+    /// that are gone).
+    pub fn set_rule_expiries(&self, rules: &[crate::config::AllowRule]) {
+        self.allowlist_rule_expiry.reset();
+        for rule in rules {
+            if let Some(expires) = rule.expires {
+                let seconds = expires
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.allowlist_rule_expiry
+                    .with_label_values(&[&rule.name])
+                    .set(seconds);
+            }
         }
     }
 

@@ -15,6 +15,8 @@ pub struct Subject<'a> {
     pub method: &'a Method,
     pub path: &'a str,
     pub peer: IpAddr,
+    /// When the request is judged (rules with `expires` lapse at that instant).
+    pub now: std::time::SystemTime,
 }
 
 /// The outcome of checking a user's MFA facts against `policy.require`.
@@ -65,6 +67,10 @@ impl Policy {
         self.config.mode
     }
 
+    pub fn help_url(&self) -> Option<&std::sync::Arc<str>> {
+        self.config.help_url.as_ref()
+    }
+
     pub fn on_iam_error(&self) -> OnIamError {
         self.config.on_iam_error
     }
@@ -91,7 +97,7 @@ impl Policy {
     pub fn match_request(&self, subject: Subject<'_>) -> Option<&AllowRule> {
         self.rules
             .iter()
-            .filter(|rule| !rule.is_identity_rule())
+            .filter(|rule| !rule.is_identity_rule() && !rule.expired_at(subject.now))
             .find(|rule| request_matchers_match(rule, subject))
     }
 
@@ -99,7 +105,7 @@ impl Policy {
     pub fn match_identity(&self, subject: Subject<'_>, identity: &Identity) -> Option<&AllowRule> {
         self.rules
             .iter()
-            .filter(|rule| rule.is_identity_rule())
+            .filter(|rule| rule.is_identity_rule() && !rule.expired_at(subject.now))
             .find(|rule| {
                 request_matchers_match(rule, subject) && identity_matchers_match(rule, identity)
             })
@@ -239,7 +245,24 @@ mod tests {
             method,
             path,
             peer: "10.20.1.2".parse().unwrap(),
+            now: SystemTime::now(),
         }
+    }
+
+    #[test]
+    fn rules_lapse_at_their_expiry_instant() {
+        let p = policy(
+            "[[allow]]\nname = \"bg\"\npaths = [\"/x\"]\nexpires = \"2030-01-01T00:00:00Z\"\nreason = \"INC-42\"\n",
+        );
+        let get = Method::GET;
+        let expiry = humantime::parse_rfc3339("2030-01-01T00:00:00Z").unwrap();
+        let mut before = subject(&get, "/x");
+        before.now = expiry - std::time::Duration::from_secs(1);
+        let rule = p.match_request(before).unwrap();
+        assert_eq!(rule.reason.as_deref(), Some("INC-42"));
+        let mut at = subject(&get, "/x");
+        at.now = expiry;
+        assert!(p.match_request(at).is_none());
     }
 
     #[test]

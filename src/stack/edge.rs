@@ -37,6 +37,17 @@ pub struct RequestId(pub HeaderValue);
 #[derive(Debug, Clone, Default)]
 pub struct LoggedPath(pub Arc<OnceLock<Arc<str>>>);
 
+/// Whether the client is a browser asking for a page (`Accept` names `text/html`); API clients
+/// and curl (`*/*`) get JSON.
+fn prefers_html(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.split(';').next().unwrap_or_default().trim() == "text/html")
+}
+
 #[derive(Clone)]
 pub struct EdgeLayer {
     metrics: Arc<Metrics>,
@@ -111,6 +122,7 @@ where
             let slot = DecisionSlot::default();
             let logged_path = LoggedPath::default();
             let method = request.method().clone();
+            let wants_html = prefers_html(request.headers());
             let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer);
             request
                 .extensions_mut()
@@ -134,7 +146,7 @@ where
                     let fault = err.fault();
                     let reason = err.reason();
                     (
-                        err.into_response(request_id_text),
+                        err.into_response(request_id_text, wants_html),
                         Some((text, fault, reason)),
                     )
                 }
@@ -170,6 +182,10 @@ where
                 .as_ref()
                 .and_then(|d| d.rule.as_deref())
                 .unwrap_or("-");
+            let rule_reason = decision
+                .as_ref()
+                .and_then(|d| d.rule_reason.as_deref())
+                .unwrap_or("-");
             let status = response.status().as_u16();
             let latency_ms = elapsed.as_secs_f64() * 1000.0;
             let peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();
@@ -180,7 +196,7 @@ where
                     tracing::error!(
                         target: "mfa_gate::access",
                         request_id = request_id_text, method = %method, path, status,
-                        decision = decision_label, reason = reason_label, user_id, rule,
+                        decision = decision_label, reason = reason_label, user_id, rule, rule_reason,
                         client = %peer, latency_ms, error = %cause,
                         "request"
                     );
@@ -189,7 +205,7 @@ where
                     tracing::info!(
                         target: "mfa_gate::access",
                         request_id = request_id_text, method = %method, path, status,
-                        decision = decision_label, reason = reason_label, user_id, rule,
+                        decision = decision_label, reason = reason_label, user_id, rule, rule_reason,
                         client = %peer, latency_ms,
                         "request"
                     );

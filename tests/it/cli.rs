@@ -370,3 +370,23 @@ async fn dev_mode_tells_the_whole_story() {
     assert_eq!(get(None, "/public/readme.txt").await.status, StatusCode::OK);
     let _ = child.kill().await;
 }
+
+#[test]
+fn check_warns_about_rules_that_already_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[iam]\nendpoint = \"https://iam.example.com\"\n[[allow]]\nname = \"old-incident\"\npaths = [\"/x\"]\nexpires = \"2021-06-01T00:00:00Z\"\nreason = \"INC-1\"\n",
+    );
+    let output = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("warning: allow rule \"old-incident\" expired at 2021-06-01T00:00:00Z"),
+        "{stderr}"
+    );
+}

@@ -4,6 +4,7 @@
 mod support;
 
 mod alibaba;
+mod beyond;
 mod cli;
 mod dashboards;
 mod enforce;

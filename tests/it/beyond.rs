@@ -1,0 +1,92 @@
+//! Beyond the peers: actionable denials (help_url, HTML for browsers) and expiring allow rules
+//! with a reason.
+
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+
+use crate::support::Harness;
+
+#[tokio::test]
+async fn denials_tell_the_user_what_to_do() {
+    let h = Harness::with_config("[policy]\nhelp_url = \"https://console.example.com/iam/mfa\"\n")
+        .await;
+    let answer = h.get_as("/", "carol").await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    let body = answer.json();
+    assert_eq!(body["error_code"], "MFAGATE.NO_MFA");
+    assert_eq!(body["help_url"], "https://console.example.com/iam/mfa");
+
+    // A browser gets a page in plain words, with the link.
+    let carol = h.token("carol");
+    let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    let answer = h
+        .get("/", &[("x-auth-token", &carol), ("accept", browser)])
+        .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    assert!(answer.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = answer.text();
+    assert!(page.contains("Bind a virtual MFA device"), "{page}");
+    assert!(
+        page.contains("href=\"https://console.example.com/iam/mfa\""),
+        "{page}"
+    );
+    assert!(!page.contains(&carol));
+
+    let answer = h.get("/", &[("accept", "text/html")]).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(answer.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(answer.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    assert!(answer.text().contains("Sign-in required"));
+
+    // curl and API clients keep JSON.
+    let answer = h.get("/", &[("accept", "*/*")]).await;
+    assert_eq!(answer.headers["content-type"], "application/json");
+    // Without help_url the field is absent.
+    let h = Harness::start().await;
+    assert!(h
+        .get_as("/", "carol")
+        .await
+        .json()
+        .get("help_url")
+        .is_none());
+}
+
+#[tokio::test]
+async fn expiring_break_glass_rules_lapse_on_time() {
+    let expires = SystemTime::now() + Duration::from_secs(2);
+    let stamp = humantime::format_rfc3339_seconds(expires + Duration::from_secs(1)).to_string();
+    let h = Harness::with_config(&format!(
+        "[[allow]]\nname = \"incident-42\"\nuser_names = [\"carol\"]\nreason = \"INC-42: carol fixes prod\"\nexpires = \"{stamp}\"\n[[allow]]\nname = \"old\"\npaths = [\"/old\"]\nexpires = \"2020-01-01T00:00:00Z\"\n"
+    ))
+    .await;
+    assert_eq!(h.get_as("/", "carol").await.status, StatusCode::OK);
+    // An already expired rule matches nothing.
+    assert_eq!(h.get("/old", &[]).await.status, StatusCode::UNAUTHORIZED);
+    let expiry = h
+        .metric("mfa_gate_allowlist_rule_expiry_timestamp_seconds{rule=\"incident-42\"}")
+        .await;
+    let wanted = humantime::parse_rfc3339(&stamp).unwrap();
+    let wanted = wanted
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert_eq!(expiry, wanted);
+    assert_eq!(
+        h.metric("mfa_gate_allowlist_rule_expiry_timestamp_seconds{rule=\"old\"}")
+            .await,
+        1_577_836_800.0
+    );
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    // Entries for carol were cached; the rule is evaluated per request, so it lapses anyway.
+    assert_eq!(h.get_as("/", "carol").await.status, StatusCode::FORBIDDEN);
+}
