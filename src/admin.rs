@@ -2,6 +2,8 @@
 //! actions guarded by `admin.token_file`. Kept off the main listener so that it can be bound to
 //! loopback or a cluster-internal port and never faces clients.
 
+pub mod disable;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so that load balancers stop sending traffic.
     pub draining: AtomicBool,
+    /// The IAM v5 client for admin actions, when `[iam.v5]` is configured.
+    pub v5: arc_swap::ArcSwap<Option<Arc<crate::iam::v5::V5Client>>>,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -54,6 +58,22 @@ fn error(status: StatusCode, code: &str, message: &str) -> AdminResponse {
 impl AdminState {
     /// Whether the request carries the admin token. Compared as SHA-256 digests so the time
     /// taken says nothing about how much of a guess was right.
+    /// Who acts, for the audit log: a short fingerprint of the admin token presented (never the
+    /// token), or `open` when the admin API needs none.
+    fn actor(&self, request: &Request<Incoming>) -> String {
+        if self.token.load().is_none() {
+            return "open".into();
+        }
+        request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|value| {
+                let digest = Sha256::digest(value.as_bytes());
+                format!("sha256:{}", hex::encode(&digest[..6]))
+            })
+            .unwrap_or_else(|| "none".into())
+    }
+
     fn authorized(&self, request: &Request<Incoming>) -> bool {
         let token = self.token.load();
         let Some(expected) = token.as_ref() else {
@@ -76,7 +96,8 @@ impl AdminState {
     }
 
     async fn handle(&self, request: Request<Incoming>) -> AdminResponse {
-        let path = request.uri().path();
+        let path = request.uri().path().to_string();
+        let path = path.as_str();
         match (request.method(), path) {
             (&Method::GET, "/metrics") => {
                 let entries = self.cache.entry_count().await;
@@ -113,6 +134,13 @@ impl AdminState {
             ),
             (method, path) if path.starts_with("/admin/") => {
                 if !self.authorized(&request) {
+                    let action = if path.ends_with("/mfa-devices/disable") {
+                        "disable_mfa_device"
+                    } else {
+                        "cache_purge"
+                    };
+                    self.count(action, "unauthorized");
+                    tracing::warn!(target: "mfa_gate::audit", action, actor = %self.actor(&request), result = "unauthorized", "admin action refused");
                     let mut response = error(
                         StatusCode::UNAUTHORIZED,
                         "MFAGATE.ADMIN_UNAUTHORIZED",
@@ -123,6 +151,27 @@ impl AdminState {
                         HeaderValue::from_static("Bearer realm=\"mfa-gate-admin\""),
                     );
                     return response;
+                }
+                if let Some(user_id) = path
+                    .strip_prefix("/admin/users/")
+                    .and_then(|rest| rest.strip_suffix("/mfa-devices/disable"))
+                {
+                    if method != Method::POST {
+                        return error(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "MFAGATE.METHOD_NOT_ALLOWED",
+                            "use POST",
+                        );
+                    }
+                    let Some(user_id) = percent_decode(user_id).filter(|id| !id.contains('/'))
+                    else {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "MFAGATE.BAD_REQUEST",
+                            "malformed user id",
+                        );
+                    };
+                    return self.disable_mfa(request, &user_id).await;
                 }
                 match (method, path) {
                     (&Method::POST, "/admin/cache/purge") => self.purge(&request).await,
@@ -144,6 +193,52 @@ impl AdminState {
                 "no such endpoint",
             ),
         }
+    }
+
+    fn count(&self, action: &str, result: &str) {
+        self.metrics
+            .admin_actions
+            .with_label_values(&[action, result])
+            .inc();
+    }
+
+    /// `POST /admin/users/{user_id}/mfa-devices/disable`.
+    async fn disable_mfa(&self, request: Request<Incoming>, user_id: &str) -> AdminResponse {
+        use http_body_util::BodyExt;
+        let actor = self.actor(&request);
+        let body = match http_body_util::Limited::new(request.into_body(), 4096)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "MFAGATE.BAD_REQUEST",
+                    "the body is unreadable or over 4 KiB",
+                )
+            }
+        };
+        let v5 = self.v5.load_full();
+        let outcome = disable::disable(
+            v5.as_ref().as_ref().map(|client| client.as_ref()),
+            &self.cache,
+            user_id,
+            &body,
+        )
+        .await;
+        self.count("disable_mfa_device", outcome.result);
+        let serial = outcome.body["serial_number"]
+            .as_str()
+            .unwrap_or("-")
+            .to_string();
+        tracing::warn!(
+            target: "mfa_gate::audit",
+            action = "disable_mfa_device", actor = %actor, user_id, serial_number = %serial,
+            result = outcome.result, status = outcome.status.as_u16(),
+            "admin action"
+        );
+        json_response(outcome.status, outcome.body)
     }
 
     /// `POST /admin/cache/purge[?user_id=…]`.
@@ -175,7 +270,8 @@ impl AdminState {
             Some(user_id) => self.cache.purge_user(user_id).await,
             None => self.cache.purge_all().await,
         };
-        tracing::info!(target: "mfa_gate::audit", action = "cache_purge", user_id = user_id.as_deref().unwrap_or("*"), purged, "admin action");
+        self.count("cache_purge", "ok");
+        tracing::info!(target: "mfa_gate::audit", action = "cache_purge", actor = %self.actor(request), user_id = user_id.as_deref().unwrap_or("*"), purged, result = "ok", "admin action");
         json_response(StatusCode::OK, json!({"purged": purged}))
     }
 }

@@ -83,6 +83,27 @@ fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn I
     }
 }
 
+/// The IAM v5 client for admin actions, when `[iam.v5]` is configured.
+fn v5_client(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<crate::iam::v5::V5Client>>> {
+    let Some(v5) = &config.iam.v5 else {
+        return Ok(None);
+    };
+    let credentials =
+        crate::iam::aksk::AkSk::from_env_or_files(v5.ak_file.as_deref(), v5.sk_file.as_deref())?;
+    let client = crate::iam::v5::V5Client::new(
+        crate::iam::v5::V5Config {
+            endpoint: v5.endpoint.clone(),
+            timeout: config.iam.timeout,
+        },
+        credentials,
+        metrics.clone(),
+    )?;
+    Ok(Some(Arc::new(client)))
+}
+
 fn policy(config: &Config) -> Policy {
     let policy = Policy::new(
         config.policy.clone(),
@@ -181,6 +202,7 @@ impl Gateway {
             token: ArcSwap::from_pointee(config.admin.token.clone()),
             ready: false.into(),
             draining: false.into(),
+            v5: ArcSwap::from_pointee(v5_client(&config, &metrics)?),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(watch_lapses(policy.clone(), stop_rx.clone()));
@@ -245,6 +267,7 @@ impl Gateway {
         } else {
             None
         };
+        let v5 = v5_client(&config, &self.metrics)?;
         let tls = match (&self.live.tls, tls_config(&config)?) {
             (Some(_), Some(tls)) => Some(tls),
             (None, None) => None,
@@ -278,6 +301,7 @@ impl Gateway {
         self.live.policy.store(Arc::new(policy(&config)));
         self.live.upstream.store(Arc::new(upstream));
         self.state.token.store(Arc::new(config.admin.token.clone()));
+        self.state.v5.store(Arc::new(v5));
         if let (Some(live), Some(tls)) = (&self.live.tls, tls) {
             live.store(tls);
         }

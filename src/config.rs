@@ -433,6 +433,18 @@ pub struct IamConfig {
     pub max_concurrency: usize,
     /// Present exactly when `provider = "alibaba_cloudsso"`.
     pub cloudsso: Option<CloudSsoSettings>,
+    /// `[iam.v5]`: Huawei IAM v5 for admin actions (disable a lost MFA device).
+    pub v5: Option<V5Settings>,
+}
+
+/// `[iam.v5]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V5Settings {
+    /// Scheme and authority, no trailing slash.
+    pub endpoint: String,
+    /// AK/SK files (else `HUAWEICLOUD_SDK_AK` / `HUAWEICLOUD_SDK_SK`), read at start.
+    pub ak_file: Option<PathBuf>,
+    pub sk_file: Option<PathBuf>,
 }
 
 /// The `alibaba_cloudsso` keys of `[iam]`, validated.
@@ -912,23 +924,35 @@ fn validate_iam(file: &IamFile, base_dir: &Path) -> Result<IamConfig, ConfigErro
             }
         }
     }
-    if let Some(v5) = &file.v5 {
-        iam_endpoint("iam.v5.endpoint", &v5.endpoint)?;
-        for (key, path) in [
-            ("iam.v5.ak_file", &v5.ak_file),
-            ("iam.v5.sk_file", &v5.sk_file),
-        ] {
-            if let Some(path) = path {
-                existing_file(key, path, base_dir)?;
+    let v5 = match &file.v5 {
+        None => None,
+        Some(v5) => {
+            let endpoint = iam_endpoint("iam.v5.endpoint", &v5.endpoint)?;
+            if v5.ak_file.is_some() != v5.sk_file.is_some() {
+                return Err(ConfigError::key(
+                    "iam.v5.sk_file",
+                    "set ak_file and sk_file together (or neither, to use HUAWEICLOUD_SDK_AK / _SK)",
+                ));
             }
+            let resolve = |key: &str, path: &Option<PathBuf>| {
+                path.as_ref()
+                    .map(|path| existing_file(key, path, base_dir))
+                    .transpose()
+            };
+            Some(V5Settings {
+                endpoint,
+                ak_file: resolve("iam.v5.ak_file", &v5.ak_file)?,
+                sk_file: resolve("iam.v5.sk_file", &v5.sk_file)?,
+            })
         }
-    }
+    };
     Ok(IamConfig {
         provider: file.provider,
         endpoint,
         timeout: positive("iam.timeout", file.timeout)?,
         max_concurrency: file.max_concurrency,
         cloudsso,
+        v5,
     })
 }
 

@@ -6,9 +6,11 @@
 //! could not answer (an [`IamError`], never cached, never read as "has MFA").
 
 pub mod acs3;
+pub mod aksk;
 pub mod alibaba;
 pub mod huawei;
 pub mod jwt;
+pub mod v5;
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -37,6 +37,38 @@ enum LogFormat {
     Json,
 }
 
+/// Talking to a running gateway's admin API.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The admin listener of the gateway.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    admin_url: String,
+    /// A file holding the admin token (as in `admin.token_file`); or MFA_GATE_ADMIN_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Disable a user's (lost) virtual MFA device through IAM v5 and drop their cache entries.
+    DisableMfa {
+        #[arg(long)]
+        user_id: String,
+        /// Which device; without it, the user's only device.
+        #[arg(long)]
+        serial_number: Option<String>,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Drop cached entries: all, or one user's.
+    Purge {
+        #[arg(long)]
+        user_id: Option<String>,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 #[value(rename_all = "snake_case")]
 enum DevProvider {
@@ -57,6 +89,11 @@ enum Command {
         /// The config file.
         #[arg(long, env = "MFA_GATE_CONFIG")]
         config: PathBuf,
+    },
+    /// Admin actions on a running gateway (through its admin API).
+    Admin {
+        #[command(subcommand)]
+        action: AdminCommand,
     },
     /// Probe a URL (e.g. the admin listener's /readyz): exit 0 on a 2xx answer within 2 s,
     /// else 1. For container HEALTHCHECKs in images without a shell or curl.
@@ -170,6 +207,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Health { url } => health(&url).await,
+            Command::Admin { action } => admin(action).await,
             Command::Check { .. } => unreachable!("handled before the runtime starts"),
         }
     })
@@ -210,6 +248,103 @@ impl From<DevProvider> for mfa_gate::config::ProviderKind {
             DevProvider::Huawei => mfa_gate::config::ProviderKind::Huawei,
             DevProvider::AlibabaCloudsso => mfa_gate::config::ProviderKind::AlibabaCloudsso,
         }
+    }
+}
+
+/// Percent-encodes one URL path segment or query value.
+fn encode_component(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs an admin action against a gateway's admin API and prints its JSON answer.
+async fn admin(action: AdminCommand) -> ExitCode {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let (target, path, body) = match &action {
+        AdminCommand::DisableMfa {
+            user_id,
+            serial_number,
+            target,
+        } => (
+            target,
+            format!(
+                "/admin/users/{}/mfa-devices/disable",
+                encode_component(user_id)
+            ),
+            serial_number
+                .as_ref()
+                .map(|serial| serde_json::json!({ "serial_number": serial }).to_string())
+                .unwrap_or_default(),
+        ),
+        AdminCommand::Purge { user_id, target } => (
+            target,
+            match user_id {
+                Some(id) => format!("/admin/cache/purge?user_id={}", encode_component(id)),
+                None => "/admin/cache/purge".to_string(),
+            },
+            String::new(),
+        ),
+    };
+    let token = match &target.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(text.trim_end_matches(['\n', '\r']).to_string()),
+            Err(err) => {
+                eprintln!("mfa-gate: --token-file {}: {err}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => std::env::var("MFA_GATE_ADMIN_TOKEN").ok(),
+    };
+    let url = format!("{}{path}", target.admin_url.trim_end_matches('/'));
+    let mut request = http::Request::post(&url).header("content-type", "application/json");
+    if let Some(token) = &token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = match request.body(Full::new(bytes::Bytes::from(body))) {
+        Ok(request) => request,
+        Err(err) => {
+            eprintln!("mfa-gate: --admin-url {:?}: {err}", target.admin_url);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response =
+        match tokio::time::timeout(std::time::Duration::from_secs(30), client.request(request))
+            .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => {
+                eprintln!("mfa-gate: {url}: {err}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            Err(_) => {
+                eprintln!("mfa-gate: {url}: no answer within 30 s");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .unwrap_or_default();
+    println!("{}", String::from_utf8_lossy(&body));
+    if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("mfa-gate: the gateway answered {status}");
+        ExitCode::from(EXIT_FAILURE)
     }
 }
 

@@ -88,6 +88,7 @@ pub struct Metrics {
     pub inflight_requests: IntGauge,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub admin_actions: IntCounterVec,
 }
 
 impl Metrics {
@@ -180,6 +181,14 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let admin_actions = IntCounterVec::new(
+            Opts::new(
+                "mfa_gate_admin_actions_total",
+                "Admin API actions by action and result.",
+            ),
+            &["action", "result"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "mfa_gate_build_info",
@@ -203,6 +212,7 @@ impl Metrics {
             Box::new(inflight_requests.clone()),
             Box::new(config_reloads.clone()),
             Box::new(build_info.clone()),
+            Box::new(admin_actions.clone()),
         ] {
             registry
                 .register(collector)
@@ -230,6 +240,16 @@ impl Metrics {
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
+        for (action, result) in [
+            ("cache_purge", "ok"),
+            ("cache_purge", "unauthorized"),
+            ("disable_mfa_device", "ok"),
+            ("disable_mfa_device", "iam_error"),
+            ("disable_mfa_device", "iam_unavailable"),
+            ("disable_mfa_device", "unauthorized"),
+        ] {
+            admin_actions.with_label_values(&[action, result]);
+        }
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -249,6 +269,7 @@ impl Metrics {
             inflight_requests,
             config_reloads,
             build_info,
+            admin_actions,
         }
     }
 

@@ -11,6 +11,7 @@ mod enforce;
 mod faults;
 mod forwarding;
 mod hostile;
+mod incident;
 mod properties;
 mod reload;
 mod tls;

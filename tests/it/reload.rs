@@ -81,7 +81,7 @@ async fn sighup_and_file_changes_reload_without_failing_a_request() {
 
     // A good config by SIGHUP.
     let with_rule = format!("{base}[[allow]]\nname = \"public\"\npaths = [\"/public/**\"]\n");
-    std::fs::write(&path, &with_rule).unwrap();
+    write_atomic(&path, &with_rule);
     process.signal("-HUP");
     wait_until(|| async {
         send(Method::GET, &public, &[], Bytes::new()).await.status == StatusCode::OK
@@ -89,11 +89,10 @@ async fn sighup_and_file_changes_reload_without_failing_a_request() {
     .await;
 
     // A bad config noticed by the file watch: refused, counted, the old one keeps serving.
-    std::fs::write(
+    write_atomic(
         &path,
-        format!("{with_rule}[polcy]\nmode = \"report_only\"\n"),
-    )
-    .unwrap();
+        &format!("{with_rule}[polcy]\nmode = \"report_only\"\n"),
+    );
     let metrics_url = format!("http://{admin}/metrics");
     wait_until(|| async {
         let text = send(Method::GET, &metrics_url, &[], Bytes::new())
@@ -108,7 +107,7 @@ async fn sighup_and_file_changes_reload_without_failing_a_request() {
     );
 
     // A good config again by file change: the rule is gone.
-    std::fs::write(&path, &base).unwrap();
+    write_atomic(&path, &base);
     wait_until(|| async {
         send(Method::GET, &public, &[], Bytes::new()).await.status == StatusCode::UNAUTHORIZED
     })
@@ -135,6 +134,14 @@ async fn sighup_and_file_changes_reload_without_failing_a_request() {
             .any(|l| l.contains("config reload refused") && l.contains("polcy")),
         "the refused reload is logged with its cause"
     );
+}
+
+/// Replaces a file in one step, as Kubernetes does with ConfigMaps: a watcher never reads it
+/// half written.
+fn write_atomic(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 async fn wait_until<F, Fut>(mut check: F)

@@ -85,6 +85,11 @@ impl Harness {
         Harness::with(Some(extra), None).await
     }
 
+    /// `extra` may name the simulator's own URL as `SIM` (for `[iam.v5]`).
+    pub async fn with_v5(extra: &str) -> Harness {
+        Harness::with(Some(extra), None).await
+    }
+
     /// With an upstream URL of the test's own (e.g. a misbehaving server).
     pub async fn with_upstream(extra: &str, upstream_url: &str) -> Harness {
         Harness::with(Some(extra), Some(upstream_url)).await
@@ -95,7 +100,10 @@ impl Harness {
         let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
         let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
         let upstream_url = upstream_url.map_or_else(|| upstream.url(), str::to_string);
-        let text = config_text(&sim.url(), &upstream_url, extra.unwrap_or_default());
+        let extra = extra
+            .unwrap_or_default()
+            .replace("\"SIM\"", &format!("\"{}\"", sim.url()));
+        let text = config_text(&sim.url(), &upstream_url, &extra);
         let config = Config::from_toml(&text, Path::new("test.toml"))
             .unwrap_or_else(|err| panic!("test config refused: {err}\n{text}"));
         let gateway = Gateway::start(config).await.unwrap();
