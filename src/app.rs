@@ -109,7 +109,8 @@ fn policy(config: &Config) -> Policy {
         config.policy.clone(),
         config.allow.clone(),
         config.server.trusted_proxies.clone(),
-    );
+    )
+    .with_routes(config.routes.clone());
     match config.iam.provider {
         ProviderKind::Huawei => policy,
         ProviderKind::AlibabaCloudsso => policy.with_device_factor("cloudsso_mfa"),
@@ -160,6 +161,7 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         metrics.touch_allow_rules(config.allow.iter().map(|rule| rule.name.as_str()));
         metrics.set_rule_expiries(&config.allow);
+        metrics.touch_routes(config.routes.iter().map(|route| route.name.as_str()));
         warn_expired(&config);
         let provider = provider(&config, &metrics)?;
         let policy = Arc::new(ArcSwap::from_pointee(policy(&config)));
@@ -297,6 +299,8 @@ impl Gateway {
         self.metrics
             .touch_allow_rules(config.allow.iter().map(|rule| rule.name.as_str()));
         self.metrics.set_rule_expiries(&config.allow);
+        self.metrics
+            .touch_routes(config.routes.iter().map(|route| route.name.as_str()));
         warn_expired(&config);
         self.live.policy.store(Arc::new(policy(&config)));
         self.live.upstream.store(Arc::new(upstream));

@@ -51,11 +51,16 @@ impl Auth {
         slot: &DecisionSlot,
     ) -> Result<Principal, GatewayError> {
         let policy = self.policy.load();
+        let effective = policy.effective(subject.path);
+        let route = effective
+            .route
+            .map(|route| Arc::<str>::from(route.name.as_str()));
         let decided =
             |allow: bool, reason: Reason, rule: Option<&AllowRule>, user: Option<&str>| {
                 slot.set(Decision {
                     allow,
                     reason,
+                    route: route.clone(),
                     rule: rule.map(|rule| Arc::from(rule.name.as_str())),
                     rule_reason: rule.and_then(|rule| rule.reason.clone()),
                     user_id: user.map(Arc::from),
@@ -101,7 +106,7 @@ impl Auth {
             });
         }
 
-        let evaluation = policy.evaluate(&facts);
+        let evaluation = policy.evaluate(&facts, effective);
         if evaluation.satisfied {
             decided(true, Reason::MfaVerified, None, Some(user_id));
             return Ok(Principal {
@@ -109,7 +114,7 @@ impl Auth {
                 mfa: evaluation.factors,
             });
         }
-        match policy.mode() {
+        match effective.mode {
             Mode::ReportOnly => {
                 decided(true, Reason::ReportOnly, None, Some(user_id));
                 Ok(Principal {

@@ -284,7 +284,7 @@ impl Inner {
                     // Valid by the IAM's word but already expired by ours: never let it in.
                     (TokenStatus::Invalid, self.config.negative_ttl, None)
                 } else {
-                    let ttl = if policy.evaluate(&facts).satisfied {
+                    let ttl = if policy.satisfied_everywhere(&facts) {
                         self.config.ttl
                     } else {
                         self.config.negative_ttl

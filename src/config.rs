@@ -100,6 +100,24 @@ pub struct FileConfig {
     pub cache: CacheFile,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<AllowFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteFile>,
+}
+
+/// One `[[route]]`: a subtree whose requests are judged with other policy settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require: Option<Require>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_totp_login: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -377,6 +395,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub cache: CacheConfig,
     pub allow: Vec<AllowRule>,
+    /// Per-route policy overrides, first match wins.
+    pub routes: Vec<Route>,
     /// The file schema with defaults filled in, as `check` prints it.
     pub effective: FileConfig,
 }
@@ -494,6 +514,17 @@ pub enum PathPattern {
     Subtree(String),
 }
 
+/// A compiled `[[route]]`: requests whose normalised path matches are judged with these
+/// settings instead of `[policy]`'s.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub paths: Vec<PathPattern>,
+    pub require: Option<Require>,
+    pub require_totp_login: Option<bool>,
+    pub mode: Option<Mode>,
+}
+
 /// A compiled `[[allow]]` rule: every matcher given must match.
 #[derive(Debug, Clone)]
 pub struct AllowRule {
@@ -582,6 +613,26 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         .enumerate()
         .map(|(index, rule)| validate_allow(index, rule))
         .collect::<Result<Vec<_>, _>>()?;
+    let routes = file
+        .route
+        .iter()
+        .enumerate()
+        .map(|(index, route)| validate_route(index, route, &policy))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (index, route) in routes.iter().enumerate() {
+        if routes[..index]
+            .iter()
+            .any(|earlier| earlier.name == route.name)
+        {
+            return Err(ConfigError::key(
+                format!("route[{index}].name"),
+                format!(
+                    "duplicate route name {:?}: names label metrics and must be unique",
+                    route.name
+                ),
+            ));
+        }
+    }
     for (index, rule) in allow.iter().enumerate() {
         if allow[..index]
             .iter()
@@ -597,7 +648,9 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         }
     }
     if iam.provider == ProviderKind::AlibabaCloudsso
-        && matches!(policy.require, Require::LoginProtect | Require::All)
+        && std::iter::once(Some(policy.require))
+            .chain(routes.iter().map(|route| route.require))
+            .any(|require| matches!(require, Some(Require::LoginProtect | Require::All)))
     {
         return Err(ConfigError::key(
             "policy.require",
@@ -621,6 +674,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         policy,
         cache,
         allow,
+        routes,
         effective: file,
     })
 }
@@ -1221,6 +1275,58 @@ fn validate_allow(index: usize, file: &AllowFile) -> Result<AllowRule, ConfigErr
     Ok(rule)
 }
 
+fn validate_route(
+    index: usize,
+    file: &RouteFile,
+    policy: &PolicyConfig,
+) -> Result<Route, ConfigError> {
+    let key = |field: &str| format!("route[{index}].{field}");
+    let name = file.name.trim();
+    if name.is_empty() {
+        return Err(ConfigError::key(
+            key("name"),
+            "missing: every route needs a name (it labels metrics)",
+        ));
+    }
+    if name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(ConfigError::key(
+            key("name"),
+            format!("{name:?}: use up to 64 letters, digits, '-', '_', '.', ':'"),
+        ));
+    }
+    if file.paths.is_empty() {
+        return Err(ConfigError::key(
+            key("paths"),
+            "missing: a route needs at least one path pattern",
+        ));
+    }
+    let paths = file
+        .paths
+        .iter()
+        .enumerate()
+        .map(|(i, pattern)| parse_path_pattern(&key(&format!("paths[{i}]")), pattern))
+        .collect::<Result<Vec<_>, _>>()?;
+    if matches!(file.require, Some(Require::LoginProtect | Require::All))
+        && policy.login_protect_methods.is_empty()
+    {
+        return Err(ConfigError::key(
+            key("require"),
+            "needs policy.login_protect_methods, which is empty",
+        ));
+    }
+    Ok(Route {
+        name: name.to_string(),
+        paths,
+        require: file.require,
+        require_totp_login: file.require_totp_login,
+        mode: file.mode,
+    })
+}
+
 /// `"/exact"` or `"/prefix/**"`; the pattern must itself be a normalised path so that it can
 /// match what the normaliser produces.
 fn parse_path_pattern(key: &str, pattern: &str) -> Result<PathPattern, ConfigError> {
@@ -1580,6 +1686,39 @@ mod tests {
             "{MINIMAL}[[allow]]\nname = \"a\"\npaths = [\"/x\"]\n[[allow]]\nname = \"a\"\npaths = [\"/y\"]\n"
         ));
         assert!(message.contains("allow[1].name: duplicate"), "{message}");
+    }
+
+    #[test]
+    fn routes_are_validated() {
+        for (route, key, needle) in [
+            ("paths = [\"/x/**\"]\n", "route[0].name", "missing"),
+            ("name = \"r\"\n", "route[0].paths", "missing"),
+            (
+                "name = \"r\"\npaths = [\"/x/../y\"]\n",
+                "route[0].paths[0]",
+                "not a normalised path",
+            ),
+            (
+                "name = \"r\"\npaths = [\"/x\"]\nrequire = \"sms\"\n",
+                "route[0].require",
+                "unknown variant",
+            ),
+            (
+                "name = \"r\"\npaths = [\"/x\"]\nmod = \"report_only\"\n",
+                "route[0]",
+                "unknown field `mod`",
+            ),
+        ] {
+            let message = error(&format!("{MINIMAL}[[route]]\n{route}"));
+            assert!(message.contains(key), "{route:?}: {message}");
+            assert!(message.contains(needle), "{route:?}: {message}");
+        }
+        let config = load(&format!(
+            "{MINIMAL}[[route]]\nname = \"console\"\npaths = [\"/admin/**\"]\nrequire = \"all\"\nmode = \"enforce\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.routes[0].require, Some(Require::All));
+        assert_eq!(config.routes[0].require_totp_login, None);
     }
 
     #[test]

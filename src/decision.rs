@@ -38,6 +38,8 @@ pub struct Decision {
     pub reason: Reason,
     /// The allow rule that matched, if any.
     pub rule: Option<Arc<str>>,
+    /// The `[[route]]` whose settings applied, if any.
+    pub route: Option<Arc<str>>,
     /// That rule's `reason`, logged with each match.
     pub rule_reason: Option<Arc<str>>,
     /// The user, once known.

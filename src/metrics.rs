@@ -89,6 +89,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub admin_actions: IntCounterVec,
+    /// Decisions on requests covered by a `[[route]]`, by route name.
+    pub route_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -189,6 +191,14 @@ impl Metrics {
             &["action", "result"],
         )
         .expect("valid metric");
+        let route_decisions = IntCounterVec::new(
+            Opts::new(
+                "mfa_gate_route_decisions_total",
+                "Decisions on requests covered by a [[route]], by route, decision and reason.",
+            ),
+            &["route", "decision", "reason"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "mfa_gate_build_info",
@@ -213,6 +223,7 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(build_info.clone()),
             Box::new(admin_actions.clone()),
+            Box::new(route_decisions.clone()),
         ] {
             registry
                 .register(collector)
@@ -270,6 +281,7 @@ impl Metrics {
             config_reloads,
             build_info,
             admin_actions,
+            route_decisions,
         }
     }
 
@@ -286,6 +298,18 @@ impl Metrics {
     pub fn touch_allow_rules<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         for name in names {
             self.allowlist_matches.with_label_values(&[name]);
+        }
+    }
+
+    /// Initialises the route decision counters of each `[[route]]` at 0.
+    pub fn touch_routes<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            for decision in DECISIONS {
+                for reason in REASONS {
+                    self.route_decisions
+                        .with_label_values(&[name, decision, reason]);
+                }
+            }
         }
     }
 

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use http::{HeaderValue, Method};
 
-use crate::config::{AllowRule, Mode, OnIamError, PathPattern, PolicyConfig, Require};
+use crate::config::{AllowRule, Mode, OnIamError, PathPattern, PolicyConfig, Require, Route};
 use crate::iam::{Identity, Needs, UserFacts};
 
 /// The request as the allowlist sees it: the normalised path (never the query), the method and
@@ -37,6 +37,18 @@ pub struct Policy {
     /// How the provider's MFA-device fact is named in `X-Auth-Mfa` (`mfa_device` for Huawei,
     /// `cloudsso_mfa` for CloudSSO).
     device_factor: &'static str,
+    /// `[[route]]` overrides, first match wins.
+    routes: Vec<Route>,
+}
+
+/// The policy settings in force for one request: `[policy]`'s, or a route's overrides.
+#[derive(Debug, Clone, Copy)]
+pub struct Effective<'a> {
+    pub require: Require,
+    pub require_totp_login: bool,
+    pub mode: Mode,
+    /// The route whose overrides apply, if any.
+    pub route: Option<&'a Route>,
 }
 
 impl Policy {
@@ -50,7 +62,61 @@ impl Policy {
             rules,
             trusted_proxies,
             device_factor: "mfa_device",
+            routes: Vec::new(),
         }
+    }
+
+    /// Adds `[[route]]` overrides.
+    pub fn with_routes(mut self, routes: Vec<Route>) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The settings for a request to `path`: the first route that matches it, else `[policy]`.
+    pub fn effective(&self, path: &str) -> Effective<'_> {
+        let route = self
+            .routes
+            .iter()
+            .find(|route| route.paths.iter().any(|p| path_matches(p, path)));
+        Effective {
+            require: route.and_then(|r| r.require).unwrap_or(self.config.require),
+            require_totp_login: route
+                .and_then(|r| r.require_totp_login)
+                .unwrap_or(self.config.require_totp_login),
+            mode: route.and_then(|r| r.mode).unwrap_or(self.config.mode),
+            route,
+        }
+    }
+
+    /// The settings of `[policy]` itself.
+    pub fn base(&self) -> Effective<'_> {
+        Effective {
+            require: self.config.require,
+            require_totp_login: self.config.require_totp_login,
+            mode: self.config.mode,
+            route: None,
+        }
+    }
+
+    /// Whether the user passes `[policy]` and every route: only then is the answer cached
+    /// for `cache.ttl` rather than `cache.negative_ttl`.
+    pub fn satisfied_everywhere(&self, facts: &UserFacts) -> bool {
+        self.evaluate(facts, self.base()).satisfied
+            && self.routes.iter().all(|route| {
+                let effective = Effective {
+                    require: route.require.unwrap_or(self.config.require),
+                    require_totp_login: route
+                        .require_totp_login
+                        .unwrap_or(self.config.require_totp_login),
+                    mode: route.mode.unwrap_or(self.config.mode),
+                    route: Some(route),
+                };
+                self.evaluate(facts, effective).satisfied
+            })
     }
 
     /// Names the device factor in `X-Auth-Mfa` differently (per provider).
@@ -79,18 +145,21 @@ impl Policy {
         &self.rules
     }
 
-    /// Which IAM lookups `policy.require` can use.
+    /// Which IAM lookups `policy.require` (and any route's) can use. One lookup serves every
+    /// route, so it asks for everything any of them counts.
     pub fn needs(&self) -> Needs {
-        Needs {
-            mfa_device: matches!(
-                self.config.require,
-                Require::MfaDevice | Require::Any | Require::All
-            ),
-            login_protect: matches!(
-                self.config.require,
-                Require::LoginProtect | Require::Any | Require::All
-            ),
+        let requires = std::iter::once(self.config.require)
+            .chain(self.routes.iter().filter_map(|route| route.require));
+        let mut needs = Needs {
+            mfa_device: false,
+            login_protect: false,
+        };
+        for require in requires {
+            needs.mfa_device |= matches!(require, Require::MfaDevice | Require::Any | Require::All);
+            needs.login_protect |=
+                matches!(require, Require::LoginProtect | Require::Any | Require::All);
         }
+        needs
     }
 
     /// The first request rule (no identity matcher) that matches, in config order.
@@ -111,8 +180,8 @@ impl Policy {
             })
     }
 
-    /// Checks the user's MFA facts against `policy.require` (and `require_totp_login`).
-    pub fn evaluate(&self, facts: &UserFacts) -> Evaluation {
+    /// Checks the user's MFA facts against the effective `require` (and `require_totp_login`).
+    pub fn evaluate(&self, facts: &UserFacts, effective: Effective<'_>) -> Evaluation {
         let device = facts.mfa_device == Some(true);
         let login_protect = match &facts.login_protect {
             Some(Some(lp))
@@ -122,7 +191,7 @@ impl Policy {
             }
             _ => None,
         };
-        let (count_device, count_login_protect) = match self.config.require {
+        let (count_device, count_login_protect) = match effective.require {
             Require::MfaDevice => (true, false),
             Require::LoginProtect => (false, true),
             Require::Any | Require::All => (true, true),
@@ -134,13 +203,13 @@ impl Policy {
         if let (true, Some(method)) = (count_login_protect, login_protect) {
             factors.push(format!("login_protect:{method}"));
         }
-        let factor_ok = match self.config.require {
+        let factor_ok = match effective.require {
             Require::MfaDevice => device,
             Require::LoginProtect => login_protect.is_some(),
             Require::Any => device || login_protect.is_some(),
             Require::All => device && login_protect.is_some(),
         };
-        let satisfied = factor_ok && (!self.config.require_totp_login || facts.totp_login);
+        let satisfied = factor_ok && (!effective.require_totp_login || facts.totp_login);
         let factors = if factors.is_empty() {
             HeaderValue::from_static("none")
         } else {
@@ -329,40 +398,46 @@ mod tests {
         let disabled = facts(false, Some((false, "vmfa")), false);
 
         let p = policy("");
-        assert!(p.evaluate(&device_only).satisfied);
-        assert_eq!(p.evaluate(&device_only).factors, "mfa_device");
-        assert!(!p.evaluate(&vmfa_only).satisfied);
-        assert_eq!(p.evaluate(&vmfa_only).factors, "none");
+        assert!(p.evaluate(&device_only, p.base()).satisfied);
+        assert_eq!(p.evaluate(&device_only, p.base()).factors, "mfa_device");
+        assert!(!p.evaluate(&vmfa_only, p.base()).satisfied);
+        assert_eq!(p.evaluate(&vmfa_only, p.base()).factors, "none");
 
         let p = policy("[policy]\nrequire = \"login_protect\"\n");
-        assert!(p.evaluate(&vmfa_only).satisfied);
-        assert_eq!(p.evaluate(&vmfa_only).factors, "login_protect:vmfa");
-        assert!(!p.evaluate(&sms_only).satisfied);
-        assert!(!p.evaluate(&disabled).satisfied);
-        assert!(!p.evaluate(&device_only).satisfied);
+        assert!(p.evaluate(&vmfa_only, p.base()).satisfied);
+        assert_eq!(
+            p.evaluate(&vmfa_only, p.base()).factors,
+            "login_protect:vmfa"
+        );
+        assert!(!p.evaluate(&sms_only, p.base()).satisfied);
+        assert!(!p.evaluate(&disabled, p.base()).satisfied);
+        assert!(!p.evaluate(&device_only, p.base()).satisfied);
 
         let p = policy(
             "[policy]\nrequire = \"login_protect\"\nlogin_protect_methods = [\"vmfa\", \"SMS\"]\n",
         );
-        assert_eq!(p.evaluate(&sms_only).factors, "login_protect:sms");
+        assert_eq!(p.evaluate(&sms_only, p.base()).factors, "login_protect:sms");
 
         let p = policy("[policy]\nrequire = \"any\"\n");
-        assert!(p.evaluate(&device_only).satisfied);
-        assert!(p.evaluate(&vmfa_only).satisfied);
-        assert!(!p.evaluate(&sms_only).satisfied);
-        assert_eq!(p.evaluate(&both).factors, "mfa_device,login_protect:vmfa");
+        assert!(p.evaluate(&device_only, p.base()).satisfied);
+        assert!(p.evaluate(&vmfa_only, p.base()).satisfied);
+        assert!(!p.evaluate(&sms_only, p.base()).satisfied);
+        assert_eq!(
+            p.evaluate(&both, p.base()).factors,
+            "mfa_device,login_protect:vmfa"
+        );
 
         let p = policy("[policy]\nrequire = \"all\"\n");
-        assert!(p.evaluate(&both).satisfied);
-        assert!(!p.evaluate(&device_only).satisfied);
-        assert!(!p.evaluate(&vmfa_only).satisfied);
+        assert!(p.evaluate(&both, p.base()).satisfied);
+        assert!(!p.evaluate(&device_only, p.base()).satisfied);
+        assert!(!p.evaluate(&vmfa_only, p.base()).satisfied);
     }
 
     #[test]
     fn totp_login_is_required_on_top_when_configured() {
         let p = policy("[policy]\nrequire_totp_login = true\n");
-        assert!(!p.evaluate(&facts(true, None, false)).satisfied);
-        assert!(p.evaluate(&facts(true, None, true)).satisfied);
+        assert!(!p.evaluate(&facts(true, None, false), p.base()).satisfied);
+        assert!(p.evaluate(&facts(true, None, true), p.base()).satisfied);
     }
 
     #[test]

@@ -167,6 +167,12 @@ where
                     .decisions
                     .with_label_values(&[decision, reason])
                     .inc();
+                if let Some(route) = slot.get().and_then(|d| d.route.as_deref()) {
+                    metrics
+                        .route_decisions
+                        .with_label_values(&[route, decision, reason])
+                        .inc();
+                }
                 metrics
                     .request_duration
                     .with_label_values(&[decision])

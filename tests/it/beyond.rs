@@ -90,3 +90,66 @@ async fn expiring_break_glass_rules_lapse_on_time() {
     // Entries for carol were cached; the rule is evaluated per request, so it lapses anyway.
     assert_eq!(h.get_as("/", "carol").await.status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn routes_override_the_policy_for_their_subtree() {
+    let h = Harness::with_config(
+        "[[route]]\nname = \"new-app\"\npaths = [\"/new/**\"]\nmode = \"report_only\"\n[[route]]\nname = \"console\"\npaths = [\"/admin/**\"]\nrequire = \"all\"\nrequire_totp_login = true\n",
+    )
+    .await;
+    // carol has no MFA: reported but let through on the new app, blocked elsewhere.
+    let answer = h.get_as("/new/page", "carol").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.seen_header("x-auth-mfa").as_deref(), Some("none"));
+    assert_eq!(
+        h.get_as("/old/page", "carol").await.status,
+        StatusCode::FORBIDDEN
+    );
+    // The admin console wants a device, login protection and an MFA-issued token: alice has all.
+    let answer = h.get_as("/admin/users", "alice").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.seen_header("x-auth-mfa").as_deref(),
+        Some("mfa_device,login_protect:vmfa")
+    );
+    // A user with a device only passes the default policy but not the console's.
+    let dora = mfa_gate::dev::iam_sim::SimUser {
+        user_id: "d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0".into(),
+        user_name: "dora".into(),
+        domain_id: "dom".into(),
+        domain_name: "dom".into(),
+        token: "tok-dora-route-test".into(),
+        methods: vec!["password".into(), "totp".into()],
+        expires_at: SystemTime::now() + Duration::from_secs(600),
+        mfa_device: Some("iam/mfa/dora".into()),
+        login_protect: None,
+    };
+    h.sim.add_user(dora.clone());
+    assert_eq!(
+        h.get("/x", &[("x-auth-token", &dora.token)]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/admin/x", &[("x-auth-token", &dora.token)])
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.metric("mfa_gate_route_decisions_total{decision=\"allow\",reason=\"report_only\",route=\"new-app\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric(
+            "mfa_gate_route_decisions_total{decision=\"deny\",reason=\"no_mfa\",route=\"console\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric("mfa_gate_route_decisions_total{decision=\"allow\",reason=\"mfa_verified\",route=\"console\"}")
+            .await,
+        1.0
+    );
+}
