@@ -36,6 +36,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so that load balancers stop sending traffic.
     pub draining: AtomicBool,
+    /// The policy in force, for `/admin/explain`.
+    pub policy: Arc<arc_swap::ArcSwap<crate::policy::Policy>>,
     /// The IAM v5 client for admin actions, when `[iam.v5]` is configured.
     pub v5: arc_swap::ArcSwap<Option<Arc<crate::iam::v5::V5Client>>>,
 }
@@ -174,6 +176,7 @@ impl AdminState {
                     return self.disable_mfa(request, &user_id).await;
                 }
                 match (method, path) {
+                    (&Method::POST, "/admin/explain") => self.explain(request).await,
                     (&Method::POST, "/admin/cache/purge") => self.purge(&request).await,
                     (_, "/admin/cache/purge") => error(
                         StatusCode::METHOD_NOT_ALLOWED,
@@ -239,6 +242,79 @@ impl AdminState {
             "admin action"
         );
         json_response(outcome.status, outcome.body)
+    }
+
+    /// `POST /admin/explain` with `{"method", "path", "client"?, "user_id"?, "token"?}`: the
+    /// explanation of `mfa-gate explain` as JSON, against the running policy and cache.
+    async fn explain(&self, request: Request<Incoming>) -> AdminResponse {
+        use http_body_util::BodyExt;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Ask {
+            #[serde(default)]
+            method: Option<String>,
+            path: String,
+            #[serde(default)]
+            client: Option<std::net::IpAddr>,
+            #[serde(default)]
+            user_id: Option<String>,
+            #[serde(default)]
+            token: Option<String>,
+        }
+        let bad = |message: &str| error(StatusCode::BAD_REQUEST, "MFAGATE.BAD_REQUEST", message);
+        let Ok(body) = http_body_util::Limited::new(request.into_body(), 32 * 1024)
+            .collect()
+            .await
+        else {
+            return bad("the body is unreadable or over 32 KiB");
+        };
+        let Ok(ask) = serde_json::from_slice::<Ask>(&body.to_bytes()) else {
+            return bad("expected {\"method\", \"path\", \"client\"?, \"user_id\"?, \"token\"?}");
+        };
+        let Ok(method) = Method::from_bytes(ask.method.as_deref().unwrap_or("GET").as_bytes())
+        else {
+            return bad("method is not an HTTP method");
+        };
+        let status = match &ask.token {
+            None => None,
+            Some(token) => {
+                let mut headers = http::HeaderMap::new();
+                let Ok(value) = HeaderValue::from_str(token) else {
+                    return bad("token is not a valid header value");
+                };
+                headers.insert("x-auth-token", value);
+                let token = match crate::auth::token::extract(&headers) {
+                    Ok(Some(token)) => token,
+                    _ => return bad("token is empty or refused before any IAM call"),
+                };
+                match self.cache.lookup(&token).await {
+                    Ok((status, _)) => Some(status),
+                    Err(err) => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "MFAGATE.IAM_UNAVAILABLE",
+                            &format!("asking the IAM: {err}"),
+                        )
+                    }
+                }
+            }
+        };
+        let identity = ask.user_id.as_ref().map(|id| crate::iam::Identity {
+            user_id: id.clone(),
+            ..Default::default()
+        });
+        let explanation = crate::explain::explain(
+            &self.policy.load(),
+            &method,
+            &ask.path,
+            ask.client.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+            identity.as_ref(),
+            status.as_ref(),
+        );
+        json_response(
+            StatusCode::OK,
+            serde_json::to_value(&explanation).unwrap_or_default(),
+        )
     }
 
     /// `POST /admin/cache/purge[?user_id=…]`.

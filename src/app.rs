@@ -48,7 +48,10 @@ struct Live {
     current: Mutex<Config>,
 }
 
-fn provider(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn IamProvider>> {
+pub(crate) fn provider(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn IamProvider>> {
     match config.iam.provider {
         ProviderKind::Huawei => Ok(Arc::new(HuaweiProvider::new(
             HuaweiConfig {
@@ -104,7 +107,7 @@ fn v5_client(
     Ok(Some(Arc::new(client)))
 }
 
-fn policy(config: &Config) -> Policy {
+pub(crate) fn policy(config: &Config) -> Policy {
     let policy = Policy::new(
         config.policy.clone(),
         config.allow.clone(),
@@ -205,6 +208,7 @@ impl Gateway {
             ready: false.into(),
             draining: false.into(),
             v5: ArcSwap::from_pointee(v5_client(&config, &metrics)?),
+            policy: policy.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(watch_lapses(policy.clone(), stop_rx.clone()));

@@ -33,6 +33,7 @@ pub mod config;
 pub mod decision;
 pub mod dev;
 pub mod error;
+pub mod explain;
 pub mod iam;
 pub mod metrics;
 pub mod policy;

@@ -90,6 +90,29 @@ enum Command {
         #[arg(long, env = "MFA_GATE_CONFIG")]
         config: PathBuf,
     },
+    /// Explain the decision for a request, rule by rule, without forwarding anything.
+    Explain {
+        /// The config file.
+        #[arg(long, env = "MFA_GATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request path as a client would send it (may include a query).
+        #[arg(long)]
+        path: String,
+        /// The client address (for CIDR rules).
+        #[arg(long, default_value = "127.0.0.1")]
+        client: std::net::IpAddr,
+        /// Judge as this user (identity rules only; MFA facts need a token).
+        #[arg(long)]
+        user_id: Option<String>,
+        /// A file holding the user's token: the IAM is asked about it.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Admin actions on a running gateway (through its admin API).
     Admin {
         #[command(subcommand)]
@@ -207,6 +230,60 @@ fn main() -> ExitCode {
                 }
             },
             Command::Health { url } => health(&url).await,
+            Command::Explain {
+                config,
+                method,
+                path,
+                client,
+                user_id,
+                token_file,
+                json,
+            } => {
+                let config = match load(&config) {
+                    Ok(config) => config,
+                    Err(code) => return code,
+                };
+                let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+                    eprintln!("mfa-gate: --method {method:?} is not an HTTP method");
+                    return ExitCode::from(EXIT_CONFIG);
+                };
+                let token = match &token_file {
+                    Some(file) => match std::fs::read_to_string(file) {
+                        Ok(text) => Some(text.trim().to_string()),
+                        Err(err) => {
+                            eprintln!("mfa-gate: --token-file {}: {err}", file.display());
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    },
+                    None => None,
+                };
+                match mfa_gate::explain::for_config(
+                    &config,
+                    &method,
+                    &path,
+                    client,
+                    user_id.as_deref(),
+                    token.as_deref(),
+                )
+                .await
+                {
+                    Ok(explanation) => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(&explanation).unwrap_or_default()
+                            );
+                        } else {
+                            print!("{}", explanation.render());
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(err) => {
+                        eprintln!("mfa-gate: {err:#}");
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+            }
             Command::Admin { action } => admin(action).await,
             Command::Check { .. } => unreachable!("handled before the runtime starts"),
         }

@@ -153,3 +153,113 @@ async fn routes_override_the_policy_for_their_subtree() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn explain_says_why_from_the_cli_and_the_admin_api() {
+    let h = Harness::with_config(
+        "[[allow]]\nname = \"health\"\npaths = [\"/healthz\"]\nmethods = [\"GET\"]\n[[allow]]\nname = \"break-glass\"\nuser_names = [\"bob\"]\n",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gate.toml");
+    std::fs::write(
+        &config,
+        crate::support::config_text(
+            &h.sim.url(),
+            &h.upstream.url(),
+            "[[allow]]\nname = \"health\"\npaths = [\"/healthz\"]\nmethods = [\"GET\"]\n[[allow]]\nname = \"break-glass\"\nuser_names = [\"bob\"]\n",
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_mfa-gate");
+    let config = &config;
+    let run = |args: Vec<String>| async move {
+        let output = tokio::process::Command::new(bin)
+            .arg("explain")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+
+    // Allowlisted: the rule that matched and why the others did not.
+    let text = run(vec!["--path".into(), "/healthz".into()]).await;
+    assert!(
+        text.contains("allow rule      MATCH health [request]: matched"),
+        "{text}"
+    );
+    assert!(
+        text.contains("decision        allow — allowlisted (rule \"health\")"),
+        "{text}"
+    );
+    let text = run(vec![
+        "--method".into(),
+        "POST".into(),
+        "--path".into(),
+        "/healthz".into(),
+    ])
+    .await;
+    assert!(text.contains("method POST not in [\"GET\"]"), "{text}");
+    assert!(text.contains("decision        deny — no_token"), "{text}");
+    // A refused path.
+    let text = run(vec!["--path".into(), "/a/..;/b".into()]).await;
+    assert!(text.contains("normalised path refused"), "{text}");
+
+    // With a token the IAM is asked: carol has no MFA, alice has.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, h.token("carol")).unwrap();
+    let args = |path: &str| {
+        vec![
+            "--path".to_string(),
+            path.to_string(),
+            "--token-file".to_string(),
+            token_file.display().to_string(),
+        ]
+    };
+    let text = run(args("/app")).await;
+    assert!(text.contains("\"mfa_device\":false"), "{text}");
+    assert!(text.contains("decision        deny — no_mfa"), "{text}");
+    assert!(
+        !text.contains(&h.token("carol")),
+        "the token is never printed"
+    );
+    std::fs::write(&token_file, h.token("alice")).unwrap();
+    let text = run(args("/app")).await;
+    assert!(
+        text.contains("decision        allow — mfa_verified (mfa_device)"),
+        "{text}"
+    );
+    // A user id alone is enough for identity rules.
+    let bob = h.user("bob").clone();
+    let text = run(vec![
+        "--path".into(),
+        "/app".into(),
+        "--user-id".into(),
+        bob.user_id.clone(),
+    ])
+    .await;
+    assert!(text.contains("user name \"\" not listed"), "{text}");
+
+    // The admin API answers the same as JSON.
+    let body = serde_json::json!({"method": "GET", "path": "/app", "token": h.token("bob")});
+    let answer = crate::support::send(
+        http::Method::POST,
+        &h.admin_url("/admin/explain"),
+        &[("content-type", "application/json")],
+        bytes::Bytes::from(body.to_string()),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let json = answer.json();
+    assert_eq!(json["decision"], "allow");
+    assert_eq!(
+        json["reason"],
+        "allowlisted (identity rule \"break-glass\")"
+    );
+    assert_eq!(json["normalized_path"]["Ok"], "/app");
+    assert_eq!(json["rules"][1]["matched"], true);
+}

@@ -88,6 +88,17 @@ fn framing_observer() {
     replay("framing_observer", checks::framing_observer);
 }
 
+/// `framing_differential` needs `httparse` (fuzz crate only); its inputs get the split check,
+/// with `3` (head limit 8 KiB) as the `framing_observer` control byte.
+#[test]
+fn framing_differential() {
+    replay("framing_differential", |stream| {
+        let mut input = vec![b'3'];
+        input.extend_from_slice(stream);
+        checks::framing_observer(&input);
+    });
+}
+
 #[test]
 fn jwks_parse() {
     replay("jwks_parse", checks::jwks_parse);
