@@ -36,6 +36,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Shutdown has begun: `/readyz` answers 503 so that load balancers stop sending traffic.
     pub draining: AtomicBool,
+    /// The assertion signer, whose public key `/.well-known/jwks.json` serves.
+    pub assertion: arc_swap::ArcSwap<Option<Arc<crate::assertion::Signer>>>,
     /// The policy in force, for `/admin/explain`.
     pub policy: Arc<arc_swap::ArcSwap<crate::policy::Policy>>,
     /// The IAM v5 client for admin actions, when `[iam.v5]` is configured.
@@ -113,6 +115,14 @@ impl AdminState {
                 );
                 response
             }
+            (&Method::GET, "/.well-known/jwks.json") => match self.assertion.load().as_ref() {
+                Some(signer) => json_response(StatusCode::OK, signer.jwks()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "MFAGATE.NOT_CONFIGURED",
+                    "no [identity.assertion] in the config",
+                ),
+            },
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
                 if self.draining.load(Ordering::Acquire) {

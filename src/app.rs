@@ -175,7 +175,13 @@ impl Gateway {
             metrics: metrics.clone(),
         });
         let upstream = Arc::new(ArcSwap::from_pointee(
-            Upstream::new(&config.upstream, config.token, metrics.clone()).context("upstream")?,
+            Upstream::new(
+                &config.upstream,
+                config.token,
+                config.assertion.clone(),
+                metrics.clone(),
+            )
+            .context("upstream")?,
         ));
         let service = stack::build(
             auth,
@@ -209,6 +215,7 @@ impl Gateway {
             draining: false.into(),
             v5: ArcSwap::from_pointee(v5_client(&config, &metrics)?),
             policy: policy.clone(),
+            assertion: ArcSwap::from_pointee(config.assertion.clone()),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(watch_lapses(policy.clone(), stop_rx.clone()));
@@ -261,8 +268,13 @@ impl Gateway {
             .expect("config lock poisoned")
             .clone();
         // Build everything that can fail before swapping anything in.
-        let upstream = Upstream::new(&config.upstream, config.token, self.metrics.clone())
-            .context("upstream")?;
+        let upstream = Upstream::new(
+            &config.upstream,
+            config.token,
+            config.assertion.clone(),
+            self.metrics.clone(),
+        )
+        .context("upstream")?;
         let iam_changed = old.iam.endpoint != config.iam.endpoint
             || old.iam.provider != config.iam.provider
             || old.iam.cloudsso != config.iam.cloudsso
@@ -310,6 +322,9 @@ impl Gateway {
         self.live.upstream.store(Arc::new(upstream));
         self.state.token.store(Arc::new(config.admin.token.clone()));
         self.state.v5.store(Arc::new(v5));
+        self.state
+            .assertion
+            .store(Arc::new(config.assertion.clone()));
         if let (Some(live), Some(tls)) = (&self.live.tls, tls) {
             live.store(tls);
         }

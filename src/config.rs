@@ -102,6 +102,39 @@ pub struct FileConfig {
     pub allow: Vec<AllowFile>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route: Vec<RouteFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityFile>,
+}
+
+/// `[identity]`: what the gateway tells the upstream about the caller beyond headers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion: Option<AssertionFile>,
+}
+
+/// `[identity.assertion]`: sign an `X-Auth-Assertion` JWT onto every forwarded request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionFile {
+    /// PKCS#8 PEM, Ed25519 or ECDSA P-256.
+    pub key_file: PathBuf,
+    /// `aud` of the assertions; default: the upstream URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(default = "default_assertion_issuer")]
+    pub issuer: String,
+    #[serde(default = "default_assertion_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+fn default_assertion_issuer() -> String {
+    "mfa-gate".into()
+}
+
+fn default_assertion_ttl() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// One `[[route]]`: a subtree whose requests are judged with other policy settings.
@@ -397,6 +430,8 @@ pub struct Config {
     pub allow: Vec<AllowRule>,
     /// Per-route policy overrides, first match wins.
     pub routes: Vec<Route>,
+    /// `[identity.assertion]`: the signer of `X-Auth-Assertion`, key already loaded.
+    pub assertion: Option<std::sync::Arc<crate::assertion::Signer>>,
     /// The file schema with defaults filled in, as `check` prints it.
     pub effective: FileConfig,
 }
@@ -613,6 +648,31 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         .enumerate()
         .map(|(index, rule)| validate_allow(index, rule))
         .collect::<Result<Vec<_>, _>>()?;
+    let assertion = match file.identity.as_ref().and_then(|i| i.assertion.as_ref()) {
+        None => None,
+        Some(assertion) => {
+            let key_file =
+                existing_file("identity.assertion.key_file", &assertion.key_file, base_dir)?;
+            if assertion.ttl.is_zero() || assertion.ttl > crate::assertion::MAX_TTL {
+                return Err(ConfigError::key(
+                    "identity.assertion.ttl",
+                    "must be between 1s and 60s: an assertion proves one request",
+                ));
+            }
+            let audience = assertion
+                .audience
+                .clone()
+                .unwrap_or_else(|| upstream.url.to_string().trim_end_matches('/').to_string());
+            let signer = crate::assertion::Signer::from_pem_file(
+                &key_file,
+                &assertion.issuer,
+                &audience,
+                assertion.ttl,
+            )
+            .map_err(|err| ConfigError::key("identity.assertion.key_file", format!("{err:#}")))?;
+            Some(std::sync::Arc::new(signer))
+        }
+    };
     let routes = file
         .route
         .iter()
@@ -675,6 +735,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         cache,
         allow,
         routes,
+        assertion,
         effective: file,
     })
 }
@@ -1686,6 +1747,25 @@ mod tests {
             "{MINIMAL}[[allow]]\nname = \"a\"\npaths = [\"/x\"]\n[[allow]]\nname = \"a\"\npaths = [\"/y\"]\n"
         ));
         assert!(message.contains("allow[1].name: duplicate"), "{message}");
+    }
+
+    #[test]
+    fn assertion_keys_and_lifetimes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("not-a-key.pem"), "hello\n").unwrap();
+        let origin = dir.path().join("gate.toml");
+        let err = Config::from_toml(
+            &format!("{MINIMAL}[identity.assertion]\nkey_file = \"not-a-key.pem\"\n"),
+            &origin,
+        )
+        .unwrap_err();
+        assert_eq!(err.key_path(), "identity.assertion.key_file");
+        let err = Config::from_toml(
+            &format!("{MINIMAL}[identity.assertion]\nkey_file = \"not-a-key.pem\"\nttl = \"5m\"\n"),
+            &origin,
+        )
+        .unwrap_err();
+        assert_eq!(err.key_path(), "identity.assertion.ttl");
     }
 
     #[test]

@@ -27,6 +27,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod assertion;
 pub mod auth;
 pub mod cache;
 pub mod config;

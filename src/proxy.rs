@@ -71,6 +71,8 @@ pub struct Upstream {
     authority: Authority,
     timeout: Duration,
     forward_token: bool,
+    /// Signs `X-Auth-Assertion` when `[identity.assertion]` is configured.
+    assertion: Option<Arc<crate::assertion::Signer>>,
     metrics: Arc<Metrics>,
 }
 
@@ -78,6 +80,7 @@ impl Upstream {
     pub fn new(
         config: &UpstreamConfig,
         token: TokenConfig,
+        assertion: Option<Arc<crate::assertion::Signer>>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let mut http = HttpConnector::new();
@@ -105,6 +108,7 @@ impl Upstream {
                 .ok_or_else(|| anyhow::anyhow!("upstream.url has no host"))?,
             timeout: config.timeout,
             forward_token: token.forward,
+            assertion,
             metrics,
         })
     }
@@ -163,6 +167,24 @@ impl Upstream {
             info.request_id.clone(),
         );
         write_identity(headers, principal);
+        if let Some(signer) = &self.assertion {
+            let identity = principal.user.as_ref().map(|user| &user.identity);
+            let field = |get: fn(&crate::iam::Identity) -> &str| identity.map_or("", get);
+            let claims = crate::assertion::Claims {
+                user_id: field(|i| &i.user_id),
+                user_name: field(|i| &i.user_name),
+                domain_id: field(|i| &i.domain_id),
+                domain_name: field(|i| &i.domain_name),
+                mfa: principal.mfa.to_str().unwrap_or("none"),
+                request_id: info.request_id.to_str().unwrap_or_default(),
+            };
+            match signer.sign(&claims).map(|jwt| HeaderValue::from_str(&jwt)) {
+                Ok(Ok(value)) => {
+                    headers.insert(HeaderName::from_static("x-auth-assertion"), value);
+                }
+                _ => return Err(GatewayError::Internal("cannot sign the identity assertion")),
+            }
+        }
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         Ok(request)

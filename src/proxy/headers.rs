@@ -15,6 +15,7 @@ pub const MANAGED: &[&str] = &[
     "x-auth-domain-id",
     "x-auth-domain-name",
     "x-auth-mfa",
+    "x-auth-assertion",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",

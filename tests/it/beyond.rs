@@ -263,3 +263,110 @@ async fn explain_says_why_from_the_cli_and_the_admin_api() {
     assert_eq!(json["normalized_path"]["Ok"], "/app");
     assert_eq!(json["rules"][1]["matched"], true);
 }
+
+/// A fresh PKCS#8 PEM key: Ed25519, or ECDSA P-256 with `p256`.
+fn pem_key(p256: bool) -> String {
+    use base64::Engine;
+    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    let rng = ring::rand::SystemRandom::new();
+    let der = if p256 {
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap()
+    } else {
+        Ed25519KeyPair::generate_pkcs8(&rng).unwrap()
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        lines.join("\n")
+    )
+}
+
+#[tokio::test]
+async fn identity_assertions_verify_with_the_published_jwks() {
+    for (p256, alg) in [
+        (false, jsonwebtoken::Algorithm::EdDSA),
+        (true, jsonwebtoken::Algorithm::ES256),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("assertion.pem");
+        std::fs::write(&key, pem_key(p256)).unwrap();
+        let h = Harness::with_config(&format!(
+            "[identity.assertion]\nkey_file = \"{}\"\naudience = \"my-app\"\nttl = \"2s\"\n",
+            key.display()
+        ))
+        .await;
+        let alice = h.user("alice").clone();
+        let answer = h
+            .get(
+                "/app",
+                &[
+                    ("x-auth-token", &alice.token),
+                    ("x-auth-assertion", "forged"),
+                ],
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let jwt = answer
+            .seen_header("x-auth-assertion")
+            .expect("an assertion upstream");
+        assert_ne!(jwt, "forged");
+
+        // An independent JWT library, fed the JWKS the admin listener publishes.
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(
+            &crate::support::send(
+                http::Method::GET,
+                &h.admin_url("/.well-known/jwks.json"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await
+            .text(),
+        )
+        .unwrap();
+        let header = jsonwebtoken::decode_header(&jwt).unwrap();
+        assert_eq!(header.alg, alg);
+        let jwk = jwks
+            .find(header.kid.as_deref().unwrap())
+            .expect("kid in the JWKS");
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(alg);
+        validation.set_audience(&["my-app"]);
+        validation.set_issuer(&["mfa-gate"]);
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<serde_json::Value>(&jwt, &key, &validation).unwrap();
+        assert_eq!(data.claims["sub"], alice.user_id.as_str());
+        assert_eq!(data.claims["name"], "alice");
+        assert_eq!(data.claims["mfa"], "mfa_device");
+        assert_eq!(
+            data.claims["jti"],
+            answer.headers["x-request-id"].to_str().unwrap()
+        );
+        let lifetime = data.claims["exp"].as_u64().unwrap() - data.claims["iat"].as_u64().unwrap();
+        assert!(lifetime <= 60);
+
+        // Tampered: another user in the claims, same signature.
+        let parts: Vec<&str> = jwt.split('.').collect();
+        use base64::Engine;
+        let mut claims = data.claims.clone();
+        claims["sub"] = serde_json::json!("someone-else");
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string()),
+            parts[2]
+        );
+        assert!(jsonwebtoken::decode::<serde_json::Value>(&forged, &key, &validation).is_err());
+        // Expired once its short lifetime is over.
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        let err = jsonwebtoken::decode::<serde_json::Value>(&jwt, &key, &validation).unwrap_err();
+        assert_eq!(
+            *err.kind(),
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature
+        );
+    }
+}
