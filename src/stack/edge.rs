@@ -37,6 +37,18 @@ pub struct RequestId(pub HeaderValue);
 #[derive(Debug, Clone, Default)]
 pub struct LoggedPath(pub Arc<OnceLock<Arc<str>>>);
 
+/// The client address for the access log, formatted lazily.
+struct PeerIp(Option<SocketAddr>);
+
+impl std::fmt::Display for PeerIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(peer) => write!(f, "{}", peer.ip()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Whether the client is a browser asking for a page (`Accept` names `text/html`); API clients
 /// and curl (`*/*`) get JSON.
 fn prefers_html(headers: &http::HeaderMap) -> bool {
@@ -194,7 +206,8 @@ where
                 .unwrap_or("-");
             let status = response.status().as_u16();
             let latency_ms = elapsed.as_secs_f64() * 1000.0;
-            let peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+            // Formatted by tracing only if the event is enabled.
+            let peer = PeerIp(peer);
             let decision_label = decision_label.unwrap_or("-");
             let reason_label = reason_label.unwrap_or("-");
             match &error {

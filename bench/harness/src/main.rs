@@ -1,0 +1,121 @@
+//! `mfa-gate-bench`: the harness behind `bench/run.sh`.
+//!
+//! * `run` — every row, pinned and unpinned, interleaved; writes the tables.
+//! * `cache-scale --entries N` — RSS of a `TokenCache` holding N distinct tokens (one JSON line).
+
+mod load;
+mod procs;
+mod run;
+mod scale;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mfa-gate-bench",
+    about = "mfa-gate benchmark harness (see bench/README.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the benchmark rows and prints the tables (markdown).
+    Run {
+        /// The release binary under test.
+        #[arg(long)]
+        mfa_gate: PathBuf,
+        /// Where configs, logs and results.md go.
+        #[arg(long, default_value = "bench/out")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per row, per round, per loop type (closed and open).
+        #[arg(long, default_value_t = 8)]
+        duration: u64,
+        /// Warm-up seconds per row (per mode).
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Comma-separated: pinned, unpinned.
+        #[arg(long, default_value = "pinned,unpinned")]
+        modes: String,
+        /// Latency of every IAM simulator answer, in ms.
+        #[arg(long, default_value_t = 10)]
+        iam_latency_ms: u64,
+        /// Comma-separated cache sizes for the cache-scale table.
+        #[arg(long, default_value = "0,100000,1000000")]
+        cache_sizes: String,
+        /// Length of the tokens sent (real IAM tokens are a few KiB).
+        #[arg(long, default_value_t = 256)]
+        token_bytes: usize,
+        /// mfa-gate's --log-level (warn: no access log line, like nginx's `access_log off`).
+        #[arg(long, default_value = "warn")]
+        gate_log_level: String,
+        /// Concurrent requests with one fresh token (cold-path coalescing).
+        #[arg(long, default_value_t = 1000)]
+        burst: usize,
+    },
+    /// RSS of the token cache with N distinct tokens (one JSON line on stdout).
+    CacheScale {
+        #[arg(long)]
+        entries: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // One worker: the load generator and the IAM simulator share one core in pinned mode.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Run {
+            mfa_gate,
+            out,
+            rounds,
+            duration,
+            warmup,
+            connections,
+            modes,
+            iam_latency_ms,
+            cache_sizes,
+            token_bytes,
+            gate_log_level,
+            burst,
+        } => {
+            let modes = modes
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(run::Mode::parse)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let cache_sizes = cache_sizes
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(|n| n.trim().parse::<u64>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let args = run::RunArgs {
+                mfa_gate,
+                out,
+                rounds: rounds.max(1),
+                duration: Duration::from_secs(duration.max(1)),
+                warmup: Duration::from_secs(warmup.max(1)),
+                connections: connections.max(1),
+                modes,
+                iam_latency: Duration::from_millis(iam_latency_ms.max(1)),
+                cache_sizes,
+                token_bytes: token_bytes.max(40),
+                gate_log_level,
+                burst: burst.max(1),
+            };
+            runtime.block_on(run::run(args))
+        }
+        Command::CacheScale { entries } => runtime.block_on(scale::run(entries)),
+    }
+}
