@@ -67,8 +67,12 @@ struct HeadFacts {
 /// Reads the framing headers of a head (request line included, final CRLFCRLF included).
 /// `None` when the head is not an HTTP/1.x request the observer can follow.
 fn parse_head(head: &[u8]) -> Option<HeadFacts> {
-    let text = std::str::from_utf8(head).ok()?;
-    let mut lines = text.split("\r\n");
+    // Header values may carry obs-text (bytes >= 0x80); names and framing values are ASCII.
+    let text = String::from_utf8_lossy(head);
+    // hyper (httparse) accepts a bare LF as a line end, so lines are split on LF.
+    let mut lines = text
+        .split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line));
     let request_line = lines.next()?;
     if request_line.starts_with("PRI ") || !request_line.contains(" HTTP/1.") {
         return None;
@@ -136,10 +140,10 @@ impl FramingObserver {
                     }
                     let before = head.len();
                     head.extend_from_slice(bytes);
-                    let search_from = before.saturating_sub(3);
-                    match find(&head[search_from..], b"\r\n\r\n") {
+                    let search_from = before.saturating_sub(2);
+                    match head_end(&head[search_from..]) {
                         Some(at) => {
-                            let end = search_from + at + 4;
+                            let end = search_from + at;
                             let used = end - before;
                             bytes = &bytes[used..];
                             let head = std::mem::take(head);
@@ -189,7 +193,7 @@ impl FramingObserver {
                     }
                     None => {
                         line.extend_from_slice(bytes);
-                        if line.len() > 1024 {
+                        if line.len() > self.max_head {
                             self.state = State::Off;
                         }
                         return;
@@ -232,8 +236,19 @@ impl FramingObserver {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Where a head ends (just past its empty line): LF, optional CR, LF — the line ends hyper's
+/// parser accepts (CRLF CRLF, LF LF, and mixtures).
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().enumerate().find_map(|(i, b)| {
+        if *b != b'\n' {
+            return None;
+        }
+        match bytes.get(i + 1) {
+            Some(b'\n') => Some(i + 2),
+            Some(b'\r') if bytes.get(i + 2) == Some(&b'\n') => Some(i + 3),
+            _ => None,
+        }
+    })
 }
 
 /// An IO stream whose reads are shown to a [`FramingObserver`] on their way to hyper.
@@ -330,6 +345,17 @@ GET /e HTTP/1.1\r\nHost: x\r\n\r\n";
         let stream = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 65\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n\
 GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(verdicts_for(stream, &[]), [false, false]);
+    }
+
+    #[test]
+    fn bare_lf_heads_and_obs_text_are_followed_like_hyper_does() {
+        let stream =
+            b"POST / HTTP/1.1\nHost: x\nContent-Length: 3\nTransfer-Encoding: chunked\n\n0\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]), [true]);
+        let stream = b"T / HTTP/1.1\n\r\nContent-Length:\r\nTransfer-Encoding:\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]).first(), Some(&false));
+        let stream = b"POST / HTTP/1.1\r\nX-Note: caf\xe9\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]), [true]);
     }
 
     #[test]
