@@ -147,6 +147,11 @@ impl FramingObserver {
                             let used = end - before;
                             bytes = &bytes[used..];
                             let head = std::mem::take(head);
+                            // The limit applies to the head, however the reads were split.
+                            if end > self.max_head {
+                                self.state = State::Off;
+                                return;
+                            }
                             self.state = match parse_head(&head[..end]) {
                                 Some(facts) => {
                                     self.verdicts.push(facts.conflict);
@@ -182,6 +187,10 @@ impl FramingObserver {
                     Some(at) => {
                         line.extend_from_slice(&bytes[..=at]);
                         bytes = &bytes[at + 1..];
+                        if line.len() > self.max_head {
+                            self.state = State::Off;
+                            return;
+                        }
                         let text = String::from_utf8_lossy(line);
                         let size = text.trim_end().split(';').next().unwrap_or_default().trim();
                         self.state = match u64::from_str_radix(size, 16) {
@@ -211,6 +220,10 @@ impl FramingObserver {
                     Some(at) => {
                         line.extend_from_slice(&bytes[..=at]);
                         bytes = &bytes[at + 1..];
+                        if line.len() > self.max_head {
+                            self.state = State::Off;
+                            return;
+                        }
                         let empty = line.as_slice() == b"\r\n" || line.as_slice() == b"\n";
                         self.state = if empty {
                             State::Head(Vec::new())

@@ -10,6 +10,7 @@ mod dashboards;
 mod enforce;
 mod faults;
 mod forwarding;
+mod fuzz_regressions;
 mod hostile;
 mod incident;
 mod properties;

@@ -1,0 +1,9 @@
+//! Invariant checks of the fuzz targets (`fuzz_targets/`). `checks` (and `checks_iam`,
+//! `checks_hyper` where the gateway allows) are also compiled into the gateway's test suite by
+//! `tests/it/fuzz_regressions.rs`, which replays the seeds and regression inputs through them.
+
+pub mod checks;
+pub mod checks_hyper;
+
+#[cfg(feature = "iam-parsers")]
+pub mod checks_iam;
