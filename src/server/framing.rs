@@ -74,7 +74,9 @@ fn parse_head(head: &[u8]) -> Option<HeadFacts> {
         .split('\n')
         .map(|line| line.strip_suffix('\r').unwrap_or(line));
     let request_line = lines.next()?;
-    if request_line.starts_with("PRI ") || !request_line.contains(" HTTP/1.") {
+    // Only the exact HTTP/2 preface switches hyper to HTTP/2; a `PRI / HTTP/1.1` request is
+    // an ordinary HTTP/1.1 request and must be followed like any other.
+    if request_line == "PRI * HTTP/2.0" || !request_line.contains(" HTTP/1.") {
         return None;
     }
     let mut has_te = false;
@@ -368,6 +370,12 @@ GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
         let stream = b"T / HTTP/1.1\n\r\nContent-Length:\r\nTransfer-Encoding:\r\n\r\n";
         assert_eq!(verdicts_for(stream, &[]).first(), Some(&false));
         let stream = b"POST / HTTP/1.1\r\nX-Note: caf\xe9\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]), [true]);
+    }
+
+    #[test]
+    fn a_pri_method_over_http1_is_still_followed() {
+        let stream = b"PRI / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         assert_eq!(verdicts_for(stream, &[]), [true]);
     }
 
