@@ -96,3 +96,16 @@ pub trait IamProvider: Send + Sync + 'static {
         needs: Needs,
     ) -> BoxFuture<'a, Result<TokenStatus, IamError>>;
 }
+
+/// An error with its sources, for transport details in logs and `IamError`s ("client error
+/// (Connect): tcp connect error: Connection refused"). Shared by every IAM client.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

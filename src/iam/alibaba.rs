@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use crate::auth::token::Token;
 use crate::iam::acs3::{self, Acs3Request};
 use crate::iam::jwt::{HttpsClient, JwksOptions, JwtVerifier, VerifiedJwt, VerifyError};
-use crate::iam::{IamError, IamProvider, Identity, Needs, TokenStatus, UserFacts};
+use crate::iam::{error_chain, IamError, IamProvider, Identity, Needs, TokenStatus, UserFacts};
 use crate::metrics::Metrics;
 
 pub use crate::iam::jwt::{
@@ -688,17 +688,6 @@ fn validate_endpoint(endpoint: &str) -> anyhow::Result<(String, String)> {
         bail!("iam.endpoint {endpoint:?} must be a bare host: CloudSSO calls are POST /");
     }
     Ok((trimmed.to_owned(), authority.as_str().to_owned()))
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

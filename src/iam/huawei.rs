@@ -22,7 +22,6 @@
 //! unit-tested without a socket; the network part is one generic `call` that bounds time,
 //! concurrency and body size, and counts every call it actually sent.
 
-use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,7 +45,9 @@ const MAX_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(25
 use tokio::time::Instant;
 
 use crate::auth::token::Token;
-use crate::iam::{IamError, IamProvider, Identity, LoginProtect, Needs, TokenStatus, UserFacts};
+use crate::iam::{
+    error_chain, IamError, IamProvider, Identity, LoginProtect, Needs, TokenStatus, UserFacts,
+};
 use crate::metrics::Metrics;
 
 /// Largest IAM answer read. A verify answer with `nocatalog=true` is well under 2 KiB; anything
@@ -697,19 +698,6 @@ fn validate_endpoint(endpoint: &str) -> anyhow::Result<String> {
         bail!("iam.endpoint {endpoint:?} must not carry credentials");
     }
     Ok(trimmed.to_owned())
-}
-
-/// An error with its sources, for `Transport` details ("client error (Connect): tcp connect
-/// error: Connection refused").
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@
 //! tokens with made-up `kid`s cannot make the gateway hammer the IdP. A failed refresh keeps the
 //! previous keys.
 
+use crate::iam::error_chain;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -1135,17 +1136,6 @@ fn printable(text: &str) -> String {
         .filter(|c| c.is_ascii_graphic())
         .take(64)
         .collect()
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Why a token could not be accepted.

@@ -20,7 +20,6 @@
 //! `v5_list_mfa_devices` or `v5_disable_mfa_device`.
 
 use std::collections::HashSet;
-use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -38,6 +37,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::iam::aksk::{self, AkSk};
+use crate::iam::error_chain;
 use crate::metrics::Metrics;
 
 /// `GET`: list virtual MFA devices.
@@ -586,18 +586,6 @@ fn validate_endpoint(endpoint: &str) -> anyhow::Result<String> {
         bail!("iam.v5.endpoint {endpoint:?} must be scheme and host only, without a path or query");
     }
     Ok(trimmed.to_owned())
-}
-
-/// An error with its sources ("client error (Connect): tcp connect error: Connection refused").
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
