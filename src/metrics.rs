@@ -47,6 +47,12 @@ pub const IAM_OUTCOMES: [&str; 9] = [
     "bad_response",
 ];
 
+/// `result` label values of `mfa_gate_shared_cache_requests_total`.
+pub const SHARED_CACHE_RESULTS: [&str; 4] = ["hit", "miss", "error", "rejected"];
+
+/// `event` label values of `mfa_gate_shared_cache_invalidations_total`.
+pub const SHARED_CACHE_INVALIDATIONS: [&str; 3] = ["published", "received", "resync"];
+
 /// `class` label values of `mfa_gate_upstream_responses_total`.
 pub const UPSTREAM_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
 
@@ -91,6 +97,13 @@ pub struct Metrics {
     pub admin_actions: IntCounterVec,
     /// Decisions on requests covered by a `[[route]]`, by route name.
     pub route_decisions: IntCounterVec,
+    /// `[cache.shared]` reads by result (`hit`, `miss`, `error`, `rejected`).
+    pub shared_cache_requests: IntCounterVec,
+    /// 1 while the shared cache (Redis) answers, 0 while it is down or not configured.
+    pub shared_cache_up: IntGauge,
+    /// Fleet-wide invalidations this gateway published, received, or resynchronised after an
+    /// outage of the invalidation channel.
+    pub shared_cache_invalidations: IntCounterVec,
 }
 
 impl Metrics {
@@ -199,6 +212,27 @@ impl Metrics {
             &["route", "decision", "reason"],
         )
         .expect("valid metric");
+        let shared_cache_requests = IntCounterVec::new(
+            Opts::new(
+                "mfa_gate_shared_cache_requests_total",
+                "Reads of the shared cache ([cache.shared], Redis) by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let shared_cache_up = IntGauge::new(
+            "mfa_gate_shared_cache_up",
+            "1 while the shared cache (Redis) answers; 0 while it is down or not configured.",
+        )
+        .expect("valid metric");
+        let shared_cache_invalidations = IntCounterVec::new(
+            Opts::new(
+                "mfa_gate_shared_cache_invalidations_total",
+                "Fleet-wide cache invalidations published, received, or resynchronised after an outage.",
+            ),
+            &["event"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "mfa_gate_build_info",
@@ -224,6 +258,9 @@ impl Metrics {
             Box::new(build_info.clone()),
             Box::new(admin_actions.clone()),
             Box::new(route_decisions.clone()),
+            Box::new(shared_cache_requests.clone()),
+            Box::new(shared_cache_up.clone()),
+            Box::new(shared_cache_invalidations.clone()),
         ] {
             registry
                 .register(collector)
@@ -244,6 +281,12 @@ impl Metrics {
         }
         for result in ["hit", "miss", "stale"] {
             cache_lookups.with_label_values(&[result]);
+        }
+        for result in SHARED_CACHE_RESULTS {
+            shared_cache_requests.with_label_values(&[result]);
+        }
+        for event in SHARED_CACHE_INVALIDATIONS {
+            shared_cache_invalidations.with_label_values(&[event]);
         }
         for class in UPSTREAM_CLASSES {
             upstream_responses.with_label_values(&[class]);
@@ -282,6 +325,9 @@ impl Metrics {
             build_info,
             admin_actions,
             route_decisions,
+            shared_cache_requests,
+            shared_cache_up,
+            shared_cache_invalidations,
         }
     }
 
