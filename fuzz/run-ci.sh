@@ -8,7 +8,7 @@
 #   bash fuzz/run-ci.sh                        # what CI runs
 #   FUZZ_TOTAL_SECONDS=600 bash fuzz/run-ci.sh # longer, same targets
 #   FUZZ_TARGETS="path_normalize" bash fuzz/run-ci.sh
-#   FUZZ_FEATURES=iam-parsers bash fuzz/run-ci.sh   # also the IAM answer parsers
+#   FUZZ_FEATURES= bash fuzz/run-ci.sh         # without the IAM answer parsers (default: with)
 #
 # Environment: CARGO_TARGET_DIR (default fuzz/target), FUZZ_JOBS (cargo -j, default: cargo's),
 # FUZZ_ARTIFACTS (default fuzz/artifacts).
@@ -17,7 +17,8 @@ cd "$(dirname "$0")"
 fuzz_dir=$PWD
 
 total_seconds=${FUZZ_TOTAL_SECONDS:-110}
-features=${FUZZ_FEATURES:-}
+# Unset: the IAM answer parser targets too; set (even empty): exactly these features.
+features=${FUZZ_FEATURES-iam-parsers}
 artifacts=${FUZZ_ARTIFACTS:-$fuzz_dir/artifacts}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$fuzz_dir/target}
 triple=$(rustc -vV | sed -n 's/^host: //p')

@@ -1,10 +1,9 @@
 //! Invariants of the IAM answer parsers (Huawei IAM and Alibaba CloudSSO), for the
 //! `huawei_parse` and `cloudsso_parse` targets.
 //!
-//! Separate from `checks.rs` because the parsers are private unless `src/iam/huawei.rs` and
-//! `src/iam/alibaba.rs` export them (`#[doc(hidden)] pub`, see `fuzz/README.md`); the fuzz crate
-//! builds this module only with `--features iam-parsers`, and `tests/it/fuzz_regressions.rs`
-//! includes it once they are exported.
+//! Separate from `checks.rs` because the parsers are not the gateway's API: `src/iam/huawei.rs`
+//! and `src/iam/alibaba.rs` export them `#[doc(hidden)]` for this module only. The fuzz crate
+//! builds it with `--features iam-parsers`; `tests/it/fuzz_regressions.rs` always includes it.
 //!
 //! Input: a first line `<api> <status>` (Huawei: `verify`, `device` or `protect`; CloudSSO: just
 //! `<status>`), then the body as the IAM sent it. An unreadable first line means `200` (and

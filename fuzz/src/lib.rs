@@ -1,5 +1,5 @@
-//! Invariant checks of the fuzz targets (`fuzz_targets/`). `checks` (and `checks_iam`,
-//! `checks_hyper` where the gateway allows) are also compiled into the gateway's test suite by
+//! Invariant checks of the fuzz targets (`fuzz_targets/`). `checks`, `checks_iam` and
+//! `checks_hyper` are also compiled into the gateway's test suite by
 //! `tests/it/fuzz_regressions.rs`, which replays the seeds and regression inputs through them.
 
 pub mod checks;

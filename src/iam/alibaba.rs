@@ -567,8 +567,12 @@ impl IamProvider for CloudSsoProvider {
 }
 
 /// What `GetUserMFAAuthenticationSettings` said.
+///
+/// Public only for the fuzz targets and their replay in the test suite (`fuzz/`), like
+/// [`parse_settings`]; not part of the crate's API.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MfaSettings {
+pub enum MfaSettings {
     Enabled,
     Disabled,
     /// `EntityNotExists.User`.
@@ -577,16 +581,25 @@ enum MfaSettings {
 
 /// Reads an answer (seed page 003): `{"RequestId","UserMFAAuthenticationSettings"}` on 200,
 /// `{"RequestId","HostId","Code","Message","Recommend"}` otherwise.
-fn parse_settings(status: StatusCode, body: &[u8]) -> Result<MfaSettings, IamError> {
+///
+/// "No such user" is the `Code` exactly as sent, compared case-insensitively: sanitising it for
+/// logs first would read `"EntityNotExists.\u0000User"` or `"Entity NotExists.User"` as the
+/// documented code.
+#[doc(hidden)]
+pub fn parse_settings(status: StatusCode, body: &[u8]) -> Result<MfaSettings, IamError> {
     if !status.is_success() {
-        let code = error_code(body);
-        if status.is_client_error() && code.eq_ignore_ascii_case(USER_NOT_FOUND) {
+        let raw = raw_error_code(body);
+        if status.is_client_error()
+            && raw
+                .as_deref()
+                .is_some_and(|code| code.eq_ignore_ascii_case(USER_NOT_FOUND))
+        {
             return Ok(MfaSettings::UnknownUser);
         }
         return Err(IamError::Status {
             api: API,
             status: status.as_u16(),
-            code,
+            code: sanitise_code(raw.as_deref().unwrap_or_default()),
         });
     }
     let root: Value =
@@ -604,15 +617,17 @@ fn parse_settings(status: StatusCode, body: &[u8]) -> Result<MfaSettings, IamErr
     }
 }
 
-/// The `Code` of an error body, cut to printable ASCII of bounded length, or `""`.
-fn error_code(body: &[u8]) -> String {
-    let Ok(root) = serde_json::from_slice::<Value>(body) else {
-        return String::new();
-    };
-    root.get("Code")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .chars()
+/// The `Code` of an error body exactly as sent, if it has one. Compare this, never
+/// [`sanitise_code`]'s output.
+fn raw_error_code(body: &[u8]) -> Option<String> {
+    let root = serde_json::from_slice::<Value>(body).ok()?;
+    root.get("Code").and_then(Value::as_str).map(str::to_owned)
+}
+
+/// A code for logs and error messages: cut to printable ASCII of bounded length, so that a
+/// hostile body cannot put arbitrary text there.
+fn sanitise_code(code: &str) -> String {
+    code.chars()
         .filter(|c| c.is_ascii_graphic())
         .take(MAX_CODE_CHARS)
         .collect()
@@ -790,6 +805,27 @@ mod tests {
             }
             assert_eq!(outcome(&result), label, "{status} {code}");
         }
+        // Only the code as sent counts, never what sanitising it for logs leaves
+        // (fuzz/regressions/cloudsso_parse/404-code-with-nul).
+        for code in [
+            "Entity\u{0}NotExists.User",
+            "Entity NotExists.User",
+            "EntityNotExists.User\n",
+            " EntityNotExists.User",
+        ] {
+            match parse_settings(st(404), err_body(code).as_bytes()) {
+                Err(IamError::Status {
+                    status: 404, code, ..
+                }) => {
+                    assert_eq!(code, "EntityNotExists.User")
+                }
+                other => panic!("{code:?}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            parse_settings(st(404), err_body("entitynotexists.user").as_bytes()).unwrap(),
+            MfaSettings::UnknownUser
+        );
         // A 5xx or an HTML page is never "no such user".
         let result = parse_settings(st(502), b"<html>bad gateway</html>");
         assert!(

@@ -431,19 +431,24 @@ fn outcome<T>(status: Option<StatusCode>, result: &Result<T, IamError>) -> Outco
 }
 
 /// What the verify call learnt about a token.
+///
+/// Public only for the fuzz targets and their replay in the test suite (`fuzz/`), like the
+/// `parse_*` functions below; not part of the crate's API.
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Verified {
+pub enum Verified {
     Valid(VerifiedToken),
     /// 401 or 404: the IAM does not know the token (unknown, expired, revoked). Which of the two
     /// an expired token gets is undocumented; Keystone answers 404.
     Invalid,
 }
 
+#[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct VerifiedToken {
-    identity: Identity,
-    expires_at: SystemTime,
-    totp_login: bool,
+pub struct VerifiedToken {
+    pub identity: Identity,
+    pub expires_at: SystemTime,
+    pub totp_login: bool,
 }
 
 /// Reads the answer of `GET /v3/auth/tokens`.
@@ -451,7 +456,8 @@ struct VerifiedToken {
 /// Required: `token.user.{id,name}`, the domain (`token.user.domain`, else `token.domain`, each
 /// with `id` and `name`) and `token.expires_at`. `token.methods` may be absent (then the token
 /// does not count as an MFA login, the fail-closed reading) but not ill-typed.
-fn parse_verify(status: StatusCode, body: &[u8]) -> Result<Verified, IamError> {
+#[doc(hidden)]
+pub fn parse_verify(status: StatusCode, body: &[u8]) -> Result<Verified, IamError> {
     const API: Api = Api::VerifyToken;
     match status.as_u16() {
         200..=299 => {}
@@ -508,7 +514,8 @@ fn parse_verify(status: StatusCode, body: &[u8]) -> Result<Verified, IamError> {
 /// Reads the answer of `GET /v3.0/OS-MFA/users/{user_id}/virtual-mfa-device` (seed page 000):
 /// `true` when a device is bound, `false` on 404 `IAM.0004`. The serial number is opaque and
 /// unused.
-fn parse_mfa_device(status: StatusCode, body: &[u8], user_id: &str) -> Result<bool, IamError> {
+#[doc(hidden)]
+pub fn parse_mfa_device(status: StatusCode, body: &[u8], user_id: &str) -> Result<bool, IamError> {
     const API: Api = Api::MfaDevice;
     if !status.is_success() {
         return if is_not_found(status, body) {
@@ -529,7 +536,8 @@ fn parse_mfa_device(status: StatusCode, body: &[u8], user_id: &str) -> Result<bo
 /// `verification_method` is lowercased (the IAM writes `SMS` as well as `sms`). It may be
 /// absent only when `enabled` is false (then it reads as `none`): a disabled setting grants
 /// nothing, so leniency there cannot let anyone through.
-fn parse_login_protect(
+#[doc(hidden)]
+pub fn parse_login_protect(
     status: StatusCode,
     body: &[u8],
     user_id: &str,
@@ -565,8 +573,13 @@ fn parse_login_protect(
 
 /// Whether a non-2xx answer is Huawei's "could not find": a 404 with code `IAM.0004` in any
 /// case. A bare 404 (a proxy's, an HTML page) is no evidence that the user has no MFA.
+///
+/// The code is compared as the IAM sent it, not as [`error_code`] sanitises it for logs: the
+/// sanitised form drops spaces and control characters, which would read `"I AM.0004"` or
+/// `"IAM.0004\u0000"` — not the documented code, so no definite answer — as "no device".
 fn is_not_found(status: StatusCode, body: &[u8]) -> bool {
-    status == StatusCode::NOT_FOUND && error_code(body).eq_ignore_ascii_case(NOT_FOUND_CODE)
+    status == StatusCode::NOT_FOUND
+        && raw_error_code(body).is_some_and(|code| code.eq_ignore_ascii_case(NOT_FOUND_CODE))
 }
 
 /// The error for a status the caller cannot use, with the IAM's error code if the body has one.
@@ -578,23 +591,27 @@ fn status_error(api: Api, status: StatusCode, body: &[u8]) -> IamError {
     }
 }
 
-/// The error code of an IAM error body, or `""`. Both shapes are seen: Huawei's
-/// `{"error_msg","error_code"}` and Keystone's `{"error":{"code","message","title"}}`, whose
-/// `code` is the HTTP status as a number. The code is cut to printable ASCII of bounded length,
-/// because it ends up in logs and error messages.
-fn error_code(body: &[u8]) -> String {
-    let Ok(root) = serde_json::from_slice::<Value>(body) else {
-        return String::new();
-    };
-    let code = match root.get("error_code") {
+/// The error code of an IAM error body exactly as sent, if it has one. Both shapes are seen:
+/// Huawei's `{"error_msg","error_code"}` and Keystone's `{"error":{"code","message","title"}}`,
+/// whose `code` is the HTTP status as a number. Compare this, never [`error_code`]'s output.
+fn raw_error_code(body: &[u8]) -> Option<String> {
+    let root = serde_json::from_slice::<Value>(body).ok()?;
+    match root.get("error_code") {
         Some(Value::String(code)) => Some(code.clone()),
         _ => match root.get("error").and_then(|error| error.get("code")) {
             Some(Value::String(code)) => Some(code.clone()),
             Some(Value::Number(code)) => Some(code.to_string()),
             _ => None,
         },
-    };
-    code.unwrap_or_default()
+    }
+}
+
+/// The error code of an IAM error body for logs and error messages, or `""`: [`raw_error_code`]
+/// cut to printable ASCII of bounded length, so that a hostile body cannot put arbitrary text
+/// there. For display only; decisions compare the raw code.
+fn error_code(body: &[u8]) -> String {
+    raw_error_code(body)
+        .unwrap_or_default()
         .chars()
         .filter(|c| c.is_ascii_graphic())
         .take(MAX_CODE_CHARS)
@@ -1051,6 +1068,24 @@ mod tests {
             404,
             "IAM.0005",
         );
+        // Only the code as sent counts: what sanitising for logs would turn into IAM.0004 is
+        // not the documented code (fuzz/regressions/huawei_parse/device-404-code-with-space).
+        // Each of these is logged as "IAM.0004" all the same.
+        for code in [r"I AM.0004", r"IAM.0004\u0000", r"IAM.\n0004", r" IAM.0004"] {
+            let body = format!(r#"{{"error_code":"{code}"}}"#);
+            expect_status(
+                parse_mfa_device(st(404), body.as_bytes(), SEED_USER),
+                "mfa_device",
+                404,
+                "IAM.0004",
+            );
+            expect_status(
+                parse_login_protect(st(404), body.as_bytes(), SEED_USER),
+                "login_protect",
+                404,
+                "IAM.0004",
+            );
+        }
         // IAM.0004 on any other status is not "no device".
         expect_status(
             parse_mfa_device(st(400), ERR_404_UPPER.as_bytes(), SEED_USER),

@@ -9,16 +9,14 @@
 #[path = "../../fuzz/src/checks.rs"]
 mod checks;
 
-// The IAM answer parsers are checked once `src/iam/huawei.rs` and `src/iam/alibaba.rs` export
-// them (fuzz/README.md, "IAM answer parsers"); then enable these lines and the two tests at the
-// end.
-// #[path = "../../fuzz/src/checks_iam.rs"]
-// mod checks_iam;
+// The IAM answer parsers (`#[doc(hidden)] pub` in `src/iam/huawei.rs` and `src/iam/alibaba.rs`
+// for this, fuzz/README.md "IAM answer parsers").
+#[path = "../../fuzz/src/checks_iam.rs"]
+mod checks_iam;
 
-// The hyper differential of the framing observer needs `httparse`; once the gateway depends on
-// it, enable these lines and the test at the end.
-// #[path = "../../fuzz/src/checks_hyper.rs"]
-// mod checks_hyper;
+// The hyper differential of the framing observer (`httparse` is a dev-dependency for it).
+#[path = "../../fuzz/src/checks_hyper.rs"]
+mod checks_hyper;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -94,8 +92,8 @@ fn framing_observer() {
     replay("framing_observer", checks::framing_observer);
 }
 
-/// `framing_differential` needs `httparse` (fuzz crate only); its inputs get the split check,
-/// with `3` (head limit 8 KiB) as the `framing_observer` control byte.
+/// `framing_differential` inputs also get the split check of `framing_observer`, with `3`
+/// (head limit 8 KiB) as its control byte.
 #[test]
 fn framing_differential() {
     replay("framing_differential", |stream| {
@@ -115,17 +113,17 @@ fn jwt_verify() {
     replay("jwt_verify", checks::jwt_verify);
 }
 
-// #[test]
-// fn huawei_parse() {
-//     replay("huawei_parse", checks_iam::huawei_parse);
-// }
-//
-// #[test]
-// fn cloudsso_parse() {
-//     replay("cloudsso_parse", checks_iam::cloudsso_parse);
-// }
-//
-// #[test]
-// fn framing_differential_against_hyper() {
-//     replay("framing_differential", checks_hyper::framing_differential);
-// }
+#[test]
+fn huawei_parse() {
+    replay("huawei_parse", checks_iam::huawei_parse);
+}
+
+#[test]
+fn cloudsso_parse() {
+    replay("cloudsso_parse", checks_iam::cloudsso_parse);
+}
+
+#[test]
+fn framing_differential_against_hyper() {
+    replay("framing_differential", checks_hyper::framing_differential);
+}
