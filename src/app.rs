@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
 use crate::auth::Auth;
+use crate::cache::shared::SharedCache;
 use crate::cache::TokenCache;
 use crate::config::{Config, ProviderKind};
 use crate::iam::alibaba::{AccessKey, CloudSsoConfig, CloudSsoProvider};
@@ -168,7 +169,29 @@ impl Gateway {
         warn_expired(&config);
         let provider = provider(&config, &metrics)?;
         let policy = Arc::new(ArcSwap::from_pointee(policy(&config)));
-        let cache = TokenCache::new(provider, policy.clone(), config.cache, metrics.clone());
+        let shared = config
+            .shared_cache
+            .as_ref()
+            .map(|shared| {
+                SharedCache::new(
+                    shared,
+                    config.iam.timeout,
+                    config.cache.ttl.max(config.cache.negative_ttl),
+                    metrics.clone(),
+                )
+            })
+            .transpose()?;
+        if let Some(shared) = &shared {
+            // Known up or down before the first request, at most connect_timeout later.
+            shared.probe_once().await;
+        }
+        let cache = TokenCache::with_shared(
+            provider,
+            policy.clone(),
+            config.cache,
+            shared.clone(),
+            metrics.clone(),
+        );
         let auth = Arc::new(Auth {
             policy: policy.clone(),
             cache: cache.clone(),
@@ -219,6 +242,13 @@ impl Gateway {
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(watch_lapses(policy.clone(), stop_rx.clone()));
+        if let Some(shared) = shared {
+            let (events, fleet) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(shared.clone().probe(stop_rx.clone()));
+            tokio::spawn(shared.listen(events, stop_rx.clone()));
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.follow_fleet(fleet).await });
+        }
         let (admin_stop, admin_stop_rx) = watch::channel(false);
         let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone(), admin_stop_rx));
         let task = tokio::spawn(async move {
@@ -310,6 +340,9 @@ impl Gateway {
         }
         if old.cache != config.cache {
             restart.push("cache");
+        }
+        if old.shared_cache != config.shared_cache {
+            restart.push("cache.shared");
         }
 
         self.metrics

@@ -12,6 +12,12 @@
 //!   `cache.stale_if_error` (an allow as well as a deny), never past the token's expiry.
 //! - Invalid tokens live in a separate, smaller cache: a flood of bogus tokens cannot evict the
 //!   entries of real users.
+//! - With `[cache.shared]` ([`shared`]) a local miss asks the fleet's Redis before the IAM, one
+//!   gateway of the fleet fetches a token while the others wait for its answer, and purges reach
+//!   every gateway. Keys are then the HMAC under the fleet's secret (still never the token).
+
+pub mod seal;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,9 +31,11 @@ use moka::Expiry;
 use rand::RngCore;
 use sha2::Sha256;
 
+use self::seal::FleetEntry;
+use self::shared::{FleetEvent, Lock, Read, SharedCache};
 use crate::auth::token::Token;
 use crate::config::CacheConfig;
-use crate::iam::{IamError, IamProvider, TokenStatus};
+use crate::iam::{IamError, IamProvider, Needs, TokenStatus};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 
@@ -45,6 +53,9 @@ struct Entry {
     fresh_until: Instant,
     /// Kept until then, served only while the IAM is failing.
     stale_until: Instant,
+    /// When this gateway learnt it (from the IAM or the fleet): after a gap in the fleet's
+    /// invalidation channel, older entries may describe a purged user.
+    learnt: Instant,
 }
 
 /// moka evicts an entry once even its stale window is over.
@@ -97,6 +108,8 @@ struct Inner {
     provider: ArcSwap<Arc<dyn IamProvider>>,
     policy: Arc<ArcSwap<Policy>>,
     config: CacheConfig,
+    /// `[cache.shared]`: the fleet's Redis, when configured.
+    shared: Option<Arc<SharedCache>>,
     metrics: Arc<Metrics>,
 }
 
@@ -111,9 +124,25 @@ impl TokenCache {
         config: CacheConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut secret = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut secret);
-        let mac = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key length");
+        TokenCache::with_shared(provider, policy, config, None, metrics)
+    }
+
+    /// A cache whose misses ask the fleet's shared cache (if any) before the IAM.
+    pub fn with_shared(
+        provider: Arc<dyn IamProvider>,
+        policy: Arc<ArcSwap<Policy>>,
+        config: CacheConfig,
+        shared: Option<Arc<SharedCache>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mac = match &shared {
+            Some(shared) => shared.keys().token_mac().clone(),
+            None => {
+                let mut secret = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut secret);
+                Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key length")
+            }
+        };
         let invalid_capacity = (config.max_entries / 4).clamp(1, 100_000);
         TokenCache(Arc::new(Inner {
             valid: Cache::builder()
@@ -129,8 +158,14 @@ impl TokenCache {
             provider: ArcSwap::from_pointee(provider),
             policy,
             config,
+            shared,
             metrics,
         }))
+    }
+
+    /// The fleet's shared cache, when configured.
+    pub fn shared(&self) -> Option<&Arc<SharedCache>> {
+        self.0.shared.as_ref()
     }
 
     fn key(&self, token: &Token) -> Key {
@@ -192,20 +227,7 @@ impl TokenCache {
         let inner = self.0.clone();
         let token = token.clone();
         let task = tokio::spawn(async move {
-            let policy = inner.policy.load_full();
-            let provider = inner.provider.load_full();
-            let result = match provider.lookup(&token, policy.needs()).await {
-                Ok(status) => {
-                    let entry = Arc::new(inner.entry_for(status, &policy));
-                    let cache = match entry.status {
-                        TokenStatus::Valid(_) => &inner.valid,
-                        TokenStatus::Invalid => &inner.invalid,
-                    };
-                    cache.insert(key, entry.clone()).await;
-                    Ok(entry)
-                }
-                Err(err) => Err(Arc::new(err)),
-            };
+            let result = inner.resolve(key, &token).await;
             inner
                 .inflight
                 .lock()
@@ -231,11 +253,75 @@ impl TokenCache {
     /// describe tokens of another account or region.
     pub async fn replace_provider(&self, provider: Arc<dyn IamProvider>) -> u64 {
         self.0.provider.store(Arc::new(provider));
-        self.purge_all().await
+        self.purge_all_local().await
     }
 
-    /// Drops every entry; answers how many there were.
+    /// Drops every entry, here and (with `[cache.shared]`) in the whole fleet; answers how many
+    /// there were here.
     pub async fn purge_all(&self) -> u64 {
+        let purged = self.purge_all_local().await;
+        if let Some(shared) = &self.0.shared {
+            if let Err(err) = shared.purge_all().await {
+                tracing::error!(cause = %format!("{err:#}"), "fleet-wide purge failed: other gateways keep their entries until their invalidation channel resynchronises");
+            }
+        }
+        purged
+    }
+
+    /// Drops every entry of one user, here and (with `[cache.shared]`) in the whole fleet;
+    /// answers how many there were here.
+    pub async fn purge_user(&self, user_id: &str) -> u64 {
+        let purged = self.purge_user_local(user_id).await;
+        if let Some(shared) = &self.0.shared {
+            if let Err(err) = shared.purge_user(user_id).await {
+                tracing::error!(cause = %format!("{err:#}"), "fleet-wide purge failed: other gateways keep the user's entries until their invalidation channel resynchronises");
+            }
+        }
+        purged
+    }
+
+    /// Applies what the fleet's invalidation channel says, until the channel's sender is gone.
+    pub async fn follow_fleet(&self, mut events: tokio::sync::mpsc::UnboundedReceiver<FleetEvent>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                FleetEvent::Purge(Some(user_id)) => {
+                    let purged = self.purge_user_local(&user_id).await;
+                    tracing::info!(user_id = %user_id, purged, "fleet purge: user's entries dropped");
+                }
+                FleetEvent::Purge(None) => {
+                    let purged = self.purge_all_local().await;
+                    tracing::info!(purged, "fleet purge: every entry dropped");
+                }
+                FleetEvent::Resync(since) => {
+                    let purged = self.purge_learnt_before(since).await;
+                    tracing::info!(
+                        purged,
+                        "fleet resync: entries learnt before the channel came back dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Drops every entry learnt before `instant`; answers how many.
+    async fn purge_learnt_before(&self, instant: Instant) -> u64 {
+        let mut purged = 0;
+        for cache in [&self.0.valid, &self.0.invalid] {
+            let keys: Vec<Arc<Key>> = cache
+                .iter()
+                .filter(|(_, entry)| entry.learnt < instant)
+                .map(|(key, _)| key)
+                .collect();
+            for key in &keys {
+                cache.invalidate(key.as_ref()).await;
+            }
+            purged += keys.len() as u64;
+        }
+        purged
+    }
+
+    /// Drops every entry of this gateway; answers how many there were.
+    async fn purge_all_local(&self) -> u64 {
         let count = (self.0.valid.iter().count() + self.0.invalid.iter().count()) as u64;
         self.0.valid.invalidate_all();
         self.0.invalid.invalidate_all();
@@ -244,8 +330,8 @@ impl TokenCache {
         count
     }
 
-    /// Drops every entry of one user; answers how many there were.
-    pub async fn purge_user(&self, user_id: &str) -> u64 {
+    /// Drops every entry of one user in this gateway; answers how many there were.
+    async fn purge_user_local(&self, user_id: &str) -> u64 {
         let keys: Vec<Arc<Key>> = self
             .0
             .valid
@@ -271,6 +357,109 @@ impl TokenCache {
 }
 
 impl Inner {
+    /// A miss: the fleet's entry if another gateway has one (or is fetching it right now), else
+    /// the IAM's answer, which is then shared.
+    async fn resolve(&self, key: Key, token: &Token) -> Result<Arc<Entry>, Arc<IamError>> {
+        let policy = self.policy.load_full();
+        let Some(shared) = &self.shared else {
+            return self.ask_iam(key, token, &policy).await;
+        };
+        let needs = policy.needs();
+        let (result, lock) = match shared.read(&key).await {
+            Read::Hit(found) if usable(&found, needs) => {
+                self.count_shared("hit");
+                return Ok(self.insert(key, self.entry_from_fleet(found)).await);
+            }
+            Read::Hit(_) | Read::Miss => ("miss", shared.lock(&key).await),
+            Read::Rejected => ("rejected", shared.lock(&key).await),
+            Read::Unavailable => ("error", Lock::Unavailable),
+        };
+        if let Lock::Held = lock {
+            match shared.wait_for(&key).await {
+                Some(found) if usable(&found, needs) => {
+                    self.count_shared("hit");
+                    return Ok(self.insert(key, self.entry_from_fleet(found)).await);
+                }
+                // The holder failed, Redis failed, or the lock lapsed: ask the IAM ourselves.
+                _ => {}
+            }
+        }
+        self.count_shared(if shared.is_up() { result } else { "error" });
+        let lock = match lock {
+            Lock::Acquired(value) => Some(value),
+            Lock::Held | Lock::Unavailable => None,
+        };
+        match self.ask_iam(key, token, &policy).await {
+            Ok(entry) => {
+                let lifetime = entry.fresh_until.saturating_duration_since(Instant::now());
+                let shared_entry = FleetEntry {
+                    status: entry.status.clone(),
+                    fresh_until: SystemTime::now() + lifetime,
+                };
+                shared.store(key, shared_entry, lock);
+                Ok(entry)
+            }
+            Err(err) => {
+                if let Some(value) = lock {
+                    shared.unlock(&key, &value).await;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn count_shared(&self, result: &'static str) {
+        self.metrics
+            .shared_cache_requests
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Asks the IAM and caches its answer here.
+    async fn ask_iam(
+        &self,
+        key: Key,
+        token: &Token,
+        policy: &Policy,
+    ) -> Result<Arc<Entry>, Arc<IamError>> {
+        let provider = self.provider.load_full();
+        match provider.lookup(token, policy.needs()).await {
+            Ok(status) => Ok(self.insert(key, self.entry_for(status, policy)).await),
+            Err(err) => Err(Arc::new(err)),
+        }
+    }
+
+    async fn insert(&self, key: Key, entry: Entry) -> Arc<Entry> {
+        let entry = Arc::new(entry);
+        let cache = match entry.status {
+            TokenStatus::Valid(_) => &self.valid,
+            TokenStatus::Invalid => &self.invalid,
+        };
+        cache.insert(key, entry.clone()).await;
+        entry
+    }
+
+    /// An entry another gateway learnt: fresh no longer than it said, stale for our own
+    /// `stale_if_error` after that, never past the token's expiry.
+    fn entry_from_fleet(&self, found: FleetEntry) -> Entry {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let until = |at: SystemTime| now + at.duration_since(wall).unwrap_or(Duration::ZERO);
+        let fresh_until = until(found.fresh_until);
+        let stale_until = match &found.status {
+            TokenStatus::Valid(facts) => {
+                (fresh_until + self.config.stale_if_error).min(until(facts.expires_at))
+            }
+            TokenStatus::Invalid => fresh_until + self.config.stale_if_error,
+        };
+        Entry {
+            status: found.status,
+            fresh_until,
+            stale_until,
+            learnt: now,
+        }
+    }
+
     /// Lifetimes of a fresh IAM answer.
     fn entry_for(&self, status: TokenStatus, policy: &Policy) -> Entry {
         let now = Instant::now();
@@ -299,6 +488,23 @@ impl Inner {
             status,
             fresh_until: now + bounded(ttl),
             stale_until: now + bounded(ttl + self.config.stale_if_error),
+            learnt: now,
+        }
+    }
+}
+
+/// Whether a fleet entry answers for this gateway: still fresh by our clock, and holding every
+/// fact our policy needs (a gateway with another policy may have skipped a lookup).
+fn usable(found: &FleetEntry, needs: Needs) -> bool {
+    if found.fresh_until <= SystemTime::now() {
+        return false;
+    }
+    match &found.status {
+        TokenStatus::Invalid => true,
+        TokenStatus::Valid(facts) => {
+            facts.expires_at > SystemTime::now()
+                && (!needs.mfa_device || facts.mfa_device.is_some())
+                && (!needs.login_protect || facts.login_protect.is_some())
         }
     }
 }

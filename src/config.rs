@@ -72,6 +72,13 @@ const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
 const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(300);
+const DEFAULT_SHARED_KEY_PREFIX: &str = "mfa-gate:";
+const DEFAULT_SHARED_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_SHARED_COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
+const DEFAULT_SHARED_POOL_SIZE: usize = 4;
+
+/// Shortest `cache.shared.secret_file` content: 256 bits, as the HMAC and AEAD keys it derives.
+const MIN_SHARED_SECRET_BYTES: usize = 32;
 
 /// Smallest header block limit that still lets ordinary browsers through.
 const MIN_HEADER_BYTES: usize = 1024;
@@ -376,6 +383,9 @@ pub struct CacheFile {
     pub max_entries: u64,
     #[serde(with = "humantime_serde")]
     pub stale_if_error: Duration,
+    /// `[cache.shared]`: a second cache level and invalidation bus in Redis, for fleets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedCacheFile>,
 }
 
 impl Default for CacheFile {
@@ -385,6 +395,48 @@ impl Default for CacheFile {
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             max_entries: DEFAULT_MAX_ENTRIES,
             stale_if_error: DEFAULT_STALE_IF_ERROR,
+            shared: None,
+        }
+    }
+}
+
+/// `[cache.shared]` as written.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedCacheFile {
+    /// `redis://host:port[/db]` or `rediss://…` (TLS with rustls). Required.
+    pub redis_url: Option<String>,
+    /// Prepended to every key and to the invalidation channel, so that several fleets can share
+    /// one Redis.
+    pub key_prefix: String,
+    /// At least 32 bytes shared by the fleet: keys the token HMAC and seals the entries. Required.
+    pub secret_file: Option<PathBuf>,
+    /// The Redis password (ACL user from the URL), kept out of the URL and the printed config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// `rediss://`: verify the server against this CA instead of the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for one Redis command before the gateway goes on without Redis.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Multiplexed Redis connections used round-robin.
+    pub pool_size: usize,
+}
+
+impl Default for SharedCacheFile {
+    fn default() -> Self {
+        SharedCacheFile {
+            redis_url: None,
+            key_prefix: DEFAULT_SHARED_KEY_PREFIX.into(),
+            secret_file: None,
+            password_file: None,
+            ca_file: None,
+            connect_timeout: DEFAULT_SHARED_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_SHARED_COMMAND_TIMEOUT,
+            pool_size: DEFAULT_SHARED_POOL_SIZE,
         }
     }
 }
@@ -427,6 +479,8 @@ pub struct Config {
     pub token: TokenConfig,
     pub policy: PolicyConfig,
     pub cache: CacheConfig,
+    /// `[cache.shared]`, when the fleet shares a Redis.
+    pub shared_cache: Option<SharedCacheConfig>,
     pub allow: Vec<AllowRule>,
     /// Per-route policy overrides, first match wins.
     pub routes: Vec<Route>,
@@ -539,6 +593,30 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
 }
 
+/// `[cache.shared]`, validated; secrets already read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedCacheConfig {
+    /// Scheme, host, port and database; never a password.
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub secret: Secret,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub pool_size: usize,
+}
+
+/// Bytes read from a secret file (trailing newline removed); redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// A path pattern of an allow rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
@@ -642,6 +720,12 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
     let iam = validate_iam(&file.iam, base_dir)?;
     let policy = validate_policy(&file.policy)?;
     let cache = validate_cache(&file.cache)?;
+    let shared_cache = file
+        .cache
+        .shared
+        .as_ref()
+        .map(|shared| validate_shared_cache(shared, base_dir))
+        .transpose()?;
     let allow = file
         .allow
         .iter()
@@ -733,6 +817,7 @@ fn validate(file: FileConfig, base_dir: &Path) -> Result<Config, ConfigError> {
         },
         policy,
         cache,
+        shared_cache,
         allow,
         routes,
         assertion,
@@ -1213,6 +1298,115 @@ fn validate_cache(file: &CacheFile) -> Result<CacheConfig, ConfigError> {
         max_entries: file.max_entries,
         stale_if_error: file.stale_if_error,
     })
+}
+
+fn validate_shared_cache(
+    file: &SharedCacheFile,
+    base_dir: &Path,
+) -> Result<SharedCacheConfig, ConfigError> {
+    const KEY: &str = "cache.shared";
+    let key = |field: &str| format!("{KEY}.{field}");
+    let raw = file.redis_url.as_deref().ok_or_else(|| {
+        ConfigError::key(
+            key("redis_url"),
+            "missing: the Redis to share, like \"redis://redis.mfa-gate.svc:6379\"",
+        )
+    })?;
+    let scheme = raw.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("redis" | "rediss")) {
+        return Err(ConfigError::key(
+            key("redis_url"),
+            format!("{raw:?}: scheme must be redis or rediss"),
+        ));
+    }
+    let info = redis::IntoConnectionInfo::into_connection_info(raw)
+        .map_err(|err| ConfigError::key(key("redis_url"), format!("{raw:?}: {err}")))?;
+    if info.redis_settings().password().is_some() {
+        return Err(ConfigError::key(
+            key("redis_url"),
+            "carries a password: put it in cache.shared.password_file (the URL is printed by `mfa-gate check`)",
+        ));
+    }
+    let prefix = &file.key_prefix;
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(ConfigError::key(
+            key("key_prefix"),
+            format!("{prefix:?} must be 1 to 64 characters without spaces or control characters"),
+        ));
+    }
+    let secret_path = file.secret_file.as_ref().ok_or_else(|| {
+        ConfigError::key(
+            key("secret_file"),
+            "missing: a file with at least 32 random bytes shared by the fleet (e.g. `head -c 32 /dev/urandom | base64`)",
+        )
+    })?;
+    let secret = read_secret(&key("secret_file"), secret_path, base_dir)?;
+    if secret.0.len() < MIN_SHARED_SECRET_BYTES {
+        return Err(ConfigError::key(
+            key("secret_file"),
+            format!(
+                "holds {} bytes; at least {MIN_SHARED_SECRET_BYTES} are needed",
+                secret.0.len()
+            ),
+        ));
+    }
+    let password = file
+        .password_file
+        .as_ref()
+        .map(|path| read_secret(&key("password_file"), path, base_dir))
+        .transpose()?;
+    if let Some(password) = &password {
+        if password.0.is_empty() || std::str::from_utf8(&password.0).is_err() {
+            return Err(ConfigError::key(
+                key("password_file"),
+                "must hold one non-empty UTF-8 password",
+            ));
+        }
+    }
+    let ca_file = file
+        .ca_file
+        .as_ref()
+        .map(|path| existing_file(&key("ca_file"), path, base_dir))
+        .transpose()?;
+    if ca_file.is_some() && scheme != Some("rediss") {
+        return Err(ConfigError::key(
+            key("ca_file"),
+            "is only used with rediss:// (TLS)",
+        ));
+    }
+    if file.pool_size == 0 || file.pool_size > 64 {
+        return Err(ConfigError::key(
+            key("pool_size"),
+            "must be between 1 and 64",
+        ));
+    }
+    Ok(SharedCacheConfig {
+        redis_url: raw.to_string(),
+        key_prefix: prefix.clone(),
+        secret,
+        password,
+        ca_file,
+        connect_timeout: positive(&key("connect_timeout"), file.connect_timeout)?,
+        command_timeout: positive(&key("command_timeout"), file.command_timeout)?,
+        pool_size: file.pool_size,
+    })
+}
+
+/// The content of a secret file, without one trailing newline.
+fn read_secret(key: &str, path: &Path, base_dir: &Path) -> Result<Secret, ConfigError> {
+    let path = existing_file(key, path, base_dir)?;
+    let mut bytes = std::fs::read(&path)
+        .map_err(|err| ConfigError::key(key, format!("cannot read {}: {err}", path.display())))?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    Ok(Secret(bytes))
 }
 
 fn non_empty_list<'a>(

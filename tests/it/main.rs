@@ -9,6 +9,7 @@ mod cli;
 mod dashboards;
 mod enforce;
 mod faults;
+mod fleet;
 mod forwarding;
 mod fuzz_regressions;
 mod hostile;
