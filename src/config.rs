@@ -1312,15 +1312,23 @@ fn validate_shared_cache(
             "missing: the Redis to share, like \"redis://redis.mfa-gate.svc:6379\"",
         )
     })?;
+    // A URL echoed in an error never shows its userinfo (it may hold a password).
+    let shown = match raw.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => raw.to_string(),
+        },
+        None => raw.to_string(),
+    };
     let scheme = raw.split_once("://").map(|(scheme, _)| scheme);
     if !matches!(scheme, Some("redis" | "rediss")) {
         return Err(ConfigError::key(
             key("redis_url"),
-            format!("{raw:?}: scheme must be redis or rediss"),
+            format!("{shown:?}: scheme must be redis or rediss"),
         ));
     }
     let info = redis::IntoConnectionInfo::into_connection_info(raw)
-        .map_err(|err| ConfigError::key(key("redis_url"), format!("{raw:?}: {err}")))?;
+        .map_err(|err| ConfigError::key(key("redis_url"), format!("{shown:?}: {err}")))?;
     if info.redis_settings().password().is_some() {
         return Err(ConfigError::key(
             key("redis_url"),
@@ -2042,5 +2050,94 @@ mod tests {
         assert!(message.contains("admin.listen"), "{message}");
         let text = merge("[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n");
         assert!(load(&text).is_ok());
+    }
+
+    #[test]
+    fn shared_cache_is_off_by_default_and_reads_its_secrets() {
+        assert!(load(MINIMAL).unwrap().shared_cache.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), format!("{}\n", "k".repeat(32))).unwrap();
+        std::fs::write(dir.path().join("password"), "redis-pass\n").unwrap();
+        let config = Config::from_toml(
+            &format!(
+                "{MINIMAL}[cache.shared]\nredis_url = \"rediss://mfa@redis.internal:6380/2\"\nsecret_file = \"secret\"\npassword_file = \"password\"\n"
+            ),
+            &dir.path().join("gate.toml"),
+        )
+        .unwrap();
+        let shared = config.shared_cache.unwrap();
+        assert_eq!(shared.redis_url, "rediss://mfa@redis.internal:6380/2");
+        assert_eq!(shared.secret.0, "k".repeat(32).into_bytes());
+        assert_eq!(shared.password.unwrap().0, b"redis-pass");
+        assert_eq!(shared.key_prefix, "mfa-gate:");
+        assert_eq!(shared.command_timeout, Duration::from_millis(100));
+        assert_eq!(shared.connect_timeout, Duration::from_secs(1));
+        assert_eq!(shared.pool_size, 4);
+        assert!(!format!("{:?}", Secret(b"k".to_vec())).contains('k'));
+    }
+
+    #[test]
+    fn shared_cache_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "k".repeat(32)).unwrap();
+        std::fs::write(dir.path().join("short"), "too short\n").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let ok = "redis_url = \"redis://127.0.0.1:6379\"\nsecret_file = \"secret\"\n";
+        let cases = [
+            (
+                "secret_file = \"secret\"\n",
+                "cache.shared.redis_url: missing",
+            ),
+            (
+                "redis_url = \"http://127.0.0.1:6379\"\nsecret_file = \"secret\"\n",
+                "cache.shared.redis_url: \"http://127.0.0.1:6379\": scheme must be redis or rediss",
+            ),
+            (
+                "redis_url = \"redis://:hunter2@127.0.0.1:6379\"\nsecret_file = \"secret\"\n",
+                "cache.shared.redis_url: carries a password",
+            ),
+            (
+                "redis_url = \"redis://127.0.0.1:6379\"\n",
+                "cache.shared.secret_file: missing",
+            ),
+            (
+                "redis_url = \"http://u:hunter2@127.0.0.1:6379\"\nsecret_file = \"secret\"\n",
+                "cache.shared.redis_url: \"http://***@127.0.0.1:6379\": scheme must be redis or rediss",
+            ),
+            (
+                "redis_url = \"redis://127.0.0.1:6379\"\nsecret_file = \"short\"\n",
+                "cache.shared.secret_file: holds 9 bytes; at least 32 are needed",
+            ),
+            (
+                "redis_url = \"redis://127.0.0.1:6379\"\nsecret_file = \"absent\"\n",
+                "cache.shared.secret_file: file",
+            ),
+            (
+                &format!("{ok}key_prefix = \"a b\"\n"),
+                "cache.shared.key_prefix",
+            ),
+            (&format!("{ok}pool_size = 0\n"), "cache.shared.pool_size"),
+            (
+                &format!("{ok}command_timeout = \"0s\"\n"),
+                "cache.shared.command_timeout: must be greater than zero",
+            ),
+            (
+                &format!("{ok}ca_file = \"ca.pem\"\n"),
+                "cache.shared.ca_file: is only used with rediss://",
+            ),
+            (&format!("{ok}colour = \"red\"\n"), "unknown field `colour`"),
+        ];
+        for (shared, needle) in cases {
+            let text = format!("{MINIMAL}[cache.shared]\n{shared}");
+            let err = Config::from_toml(&text, &dir.path().join("gate.toml"))
+                .expect_err(shared)
+                .to_string();
+            assert!(
+                err.contains(needle),
+                "{shared:?}: expected {needle:?}, got: {err}"
+            );
+            assert!(!err.contains("hunter2"), "password echoed: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
     }
 }
