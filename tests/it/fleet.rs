@@ -152,11 +152,13 @@ impl Fleet {
         std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
         std::fs::write(dir.path().join("ak"), V5_ACCESS_KEY).unwrap();
         std::fs::write(dir.path().join("sk"), V5_SECRET_KEY).unwrap();
+        // Generous Redis timeouts: under a loaded CI machine a 100 ms command timeout would
+        // (correctly) make a gateway skip Redis, and these tests are about what Redis is used for.
         let extra = format!(
             "[admin]\ntoken_file = \"{d}/admin-token\"\n\
              [iam.v5]\nendpoint = \"{sim}\"\nak_file = \"{d}/ak\"\nsk_file = \"{d}/sk\"\n\
              [cache.shared]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\n\
-             secret_file = \"{d}/secret\"\n{extra}",
+             secret_file = \"{d}/secret\"\ncommand_timeout = \"2s\"\nconnect_timeout = \"2s\"\n{extra}",
             d = dir.path().display(),
             sim = sim.url(),
         );
