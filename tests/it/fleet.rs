@@ -20,6 +20,7 @@ use mfa_gate::config::Config;
 use mfa_gate::dev::iam_sim::{self, Api, IamSim, SimUser, V5_ACCESS_KEY, V5_SECRET_KEY};
 use mfa_gate::dev::upstream::DemoUpstream;
 use mfa_gate::iam::{Identity, TokenStatus, UserFacts};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
 use crate::support::{config_text, metric_value, send, Answer, LOOPBACK};
 
@@ -32,6 +33,8 @@ struct Redis {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    /// With TLS: the CA's PEM and the password.
+    tls: Option<(Vec<u8>, String)>,
 }
 
 impl Redis {
@@ -56,10 +59,56 @@ impl Redis {
             .unwrap()
             .port();
         let dir = tempfile::tempdir().unwrap();
-        let child = spawn_redis(port, dir.path());
-        let redis = Redis { child, port, dir };
+        let child = spawn_redis(port, dir.path(), &[]);
+        let redis = Redis {
+            child,
+            port,
+            dir,
+            tls: None,
+        };
         redis.wait_ready();
         Some(redis)
+    }
+
+    /// TLS only (no plain port), with a certificate from a private CA and `requirepass`.
+    fn start_tls(password: &str) -> Option<(Redis, rcgen::Certificate)> {
+        let mut redis = Redis::start()?;
+        redis.kill();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let dir = redis.dir.path().to_path_buf();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("leaf.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("leaf.key"), leaf_key.serialize_pem()).unwrap();
+        let port = redis.port.to_string();
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &dir.join("leaf.pem").display().to_string(),
+            "--tls-key-file",
+            &dir.join("leaf.key").display().to_string(),
+            "--tls-ca-cert-file",
+            &dir.join("ca.pem").display().to_string(),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            password,
+        ]
+        .map(str::to_string);
+        redis.child = spawn_redis(redis.port, &dir, &args);
+        redis.tls = Some((ca.pem().into_bytes(), password.to_string()));
+        redis.wait_ready();
+        Some((redis, ca))
     }
 
     fn url(&self) -> String {
@@ -67,7 +116,17 @@ impl Redis {
     }
 
     fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).unwrap()
+        match &self.tls {
+            None => redis::Client::open(self.url()).unwrap(),
+            Some((ca, password)) => redis::Client::build_with_tls(
+                format!("rediss://:{password}@127.0.0.1:{}", self.port),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )
+            .unwrap(),
+        }
     }
 
     fn wait_ready(&self) {
@@ -91,7 +150,7 @@ impl Redis {
     /// A new, empty Redis on the same port.
     fn restart(&mut self) {
         self.kill();
-        self.child = spawn_redis(self.port, self.dir.path());
+        self.child = spawn_redis(self.port, self.dir.path(), &[]);
         self.wait_ready();
     }
 
@@ -113,7 +172,8 @@ impl Drop for Redis {
     }
 }
 
-fn spawn_redis(port: u16, dir: &Path) -> Child {
+/// `extra` comes last, so it may override `--port`.
+fn spawn_redis(port: u16, dir: &Path, extra: &[String]) -> Child {
     Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args([
@@ -124,6 +184,7 @@ fn spawn_redis(port: u16, dir: &Path) -> Child {
             "--protected-mode",
             "yes",
         ])
+        .args(extra)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -631,5 +692,46 @@ impl Fleet {
             users,
             _dir: dir,
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_file() {
+    let Some((redis, _ca)) = Redis::start_tls("fleet-redis-password") else {
+        return;
+    };
+    let dir = redis.dir.path().to_path_buf();
+    std::fs::write(dir.join("password"), "fleet-redis-password\n").unwrap();
+    std::fs::write(dir.join("wrong-password"), "not-the-password\n").unwrap();
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let shared = |password: &str, ca: bool| {
+        let mut text = format!("password_file = \"{}\"\n", dir.join(password).display());
+        if ca {
+            text.push_str(&format!("ca_file = \"{}\"\n", dir.join("ca.pem").display()));
+        }
+        text
+    };
+    let fleet = Fleet::start(&url, 2, &shared("password", true)).await;
+    let user = fleet.fresh_user();
+    fleet.sim.reset_calls();
+    assert_eq!(fleet.get(0, &user.token).await.status, StatusCode::OK);
+    let (_, entry_key) = Fleet::entry_key(&user.token);
+    let stored = within(Duration::from_secs(2), || async {
+        redis.entry_keys().contains(&entry_key)
+    })
+    .await;
+    assert!(stored.is_some(), "nothing stored over TLS");
+    assert_eq!(fleet.get(1, &user.token).await.status, StatusCode::OK);
+    assert_eq!(fleet.sim.calls(Api::VerifyToken), 1);
+    assert_eq!(fleet.shared(1, "hit"), 1.0);
+
+    // A server the gateway cannot verify (no ca_file: system roots only), or a wrong
+    // password: the shared cache is down, requests are served from the IAM as usual.
+    for extra in [shared("password", false), shared("wrong-password", true)] {
+        let fleet = Fleet::start_unchecked(&url, &extra).await;
+        let alice = fleet.user("alice").clone();
+        assert_eq!(fleet.get(0, &alice.token).await.status, StatusCode::OK);
+        assert_eq!(fleet.metric(0, "mfa_gate_shared_cache_up"), 0.0, "{extra}");
+        assert_eq!(fleet.shared(0, "error"), 1.0, "{extra}");
     }
 }
