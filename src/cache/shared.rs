@@ -37,6 +37,11 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const UNLOCK_SCRIPT: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+/// Whether Redis refused a read because the key holds another type than a string.
+fn wrong_type(err: &redis::RedisError) -> bool {
+    err.code() == Some("WRONGTYPE") || err.kind() == redis::ErrorKind::UnexpectedReturnType
+}
+
 /// What a read of the shared cache gave.
 #[derive(Debug)]
 pub enum Read {
@@ -233,13 +238,25 @@ impl SharedCache {
         }
         let mut connection = self.connection();
         let entry_key = self.entry_key(key);
-        match self
-            .command("GET", connection.get::<_, Option<Vec<u8>>>(&entry_key))
-            .await
-        {
+        let get = connection.get::<_, Option<Vec<u8>>>(&entry_key);
+        // A key of another type (someone wrote a list there) is garbage in one key, not a
+        // Redis outage.
+        let get = async {
+            match get.await {
+                Err(err) if wrong_type(&err) => Ok(Err(())),
+                other => other.map(Ok),
+            }
+        };
+        match self.command("GET", get).await {
             None => Read::Unavailable,
-            Some(None) => Read::Miss,
-            Some(Some(sealed)) => self.open(key, &sealed),
+            Some(Err(())) => {
+                tracing::warn!(
+                    "shared cache entry rejected: not a string value; ignored, asking the IAM"
+                );
+                Read::Rejected
+            }
+            Some(Ok(None)) => Read::Miss,
+            Some(Ok(Some(sealed))) => self.open(key, &sealed),
         }
     }
 

@@ -609,7 +609,14 @@ async fn forged_moved_or_tampered_redis_values_are_rejected_never_trusted() {
         .arg(tampered)
         .query(&mut connection)
         .unwrap();
-    let _ = carol_raw;
+    // 4. A key of another type where a fresh user's entry would be.
+    let dave = fleet.fresh_user();
+    let (_, dave_key) = Fleet::entry_key(&dave.token);
+    let _: () = redis::cmd("RPUSH")
+        .arg(&dave_key)
+        .arg("has-mfa")
+        .query(&mut connection)
+        .unwrap();
 
     // Gateway 1 has nothing local: it reads each value, rejects it, asks the IAM.
     fleet.sim.reset_calls();
@@ -619,9 +626,13 @@ async fn forged_moved_or_tampered_redis_values_are_rejected_never_trusted() {
     );
     assert_eq!(fleet.get(1, &bob.token).await.status, StatusCode::FORBIDDEN);
     assert_eq!(fleet.get(1, &alice.token).await.status, StatusCode::OK);
-    assert_eq!(fleet.sim.calls(Api::VerifyToken), 3);
-    assert_eq!(fleet.shared(1, "rejected"), 3.0);
+    assert_eq!(fleet.get(1, &dave.token).await.status, StatusCode::OK);
+    assert_eq!(fleet.sim.calls(Api::VerifyToken), 4);
+    assert_eq!(fleet.shared(1, "rejected"), 4.0);
     assert_eq!(fleet.shared(1, "hit"), 0.0);
+    // Garbage is not an outage: Redis stays in use.
+    assert_eq!(fleet.metric(1, "mfa_gate_shared_cache_up"), 1.0);
+    assert_eq!(fleet.shared(1, "error"), 0.0);
     // And the garbage is replaced by genuine answers.
     let replaced = within(Duration::from_secs(2), || async {
         let value: Vec<u8> = redis::cmd("GET")
