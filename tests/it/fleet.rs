@@ -20,9 +20,8 @@ use mfa_gate::config::Config;
 use mfa_gate::dev::iam_sim::{self, Api, IamSim, SimUser, V5_ACCESS_KEY, V5_SECRET_KEY};
 use mfa_gate::dev::upstream::DemoUpstream;
 use mfa_gate::iam::{Identity, TokenStatus, UserFacts};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
-use crate::support::{config_text, metric_value, send, Answer, LOOPBACK};
+use crate::support::{config_text, metric_value, private_ca, send, Answer, LOOPBACK};
 
 const SECRET: &[u8] = b"fleet-test-secret-0123456789abcdef0123456789";
 const PREFIX: &str = "mfa-gate-test:";
@@ -74,15 +73,7 @@ impl Redis {
     fn start_tls(password: &str) -> Option<(Redis, rcgen::Certificate)> {
         let mut redis = Redis::start()?;
         redis.kill();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca, &ca_key)
-            .unwrap();
+        let (ca, leaf, leaf_key) = private_ca("127.0.0.1");
         let dir = redis.dir.path().to_path_buf();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(dir.join("leaf.pem"), leaf.pem()).unwrap();
@@ -281,6 +272,24 @@ impl Fleet {
             gateway,
             &format!("mfa_gate_shared_cache_requests_total{{result=\"{result}\"}}"),
         )
+    }
+
+    /// A fresh token asked at gateway 0 is stored in Redis, and gateway 1 answers it from
+    /// there: one IAM verification for both.
+    async fn assert_shared_from_0_to_1(&self, redis: &Redis) {
+        let user = self.fresh_user();
+        self.sim.reset_calls();
+        let hits = self.shared(1, "hit");
+        assert_eq!(self.get(0, &user.token).await.status, StatusCode::OK);
+        let (_, entry_key) = Fleet::entry_key(&user.token);
+        let stored = within(Duration::from_secs(2), || async {
+            redis.entry_keys().contains(&entry_key)
+        })
+        .await;
+        assert!(stored.is_some(), "gateway 0 stored nothing in Redis");
+        assert_eq!(self.get(1, &user.token).await.status, StatusCode::OK);
+        assert_eq!(self.sim.calls(Api::VerifyToken), 1, "gateway 1 read Redis");
+        assert_eq!(self.shared(1, "hit"), hits + 1.0);
     }
 
     /// Waits until the gateway's invalidation channel is subscribed: its first purge
@@ -525,17 +534,7 @@ async fn redis_killed_mid_run_fails_no_request_and_an_empty_restart_is_repopulat
         "the invalidation channel did not come back"
     );
     assert!(redis.entry_keys().is_empty());
-    let user = fleet.fresh_user();
-    fleet.sim.reset_calls();
-    assert_eq!(fleet.get(0, &user.token).await.status, StatusCode::OK);
-    let (_, entry_key) = Fleet::entry_key(&user.token);
-    let stored = within(Duration::from_secs(2), || async {
-        redis.entry_keys().contains(&entry_key)
-    })
-    .await;
-    assert!(stored.is_some(), "the restarted Redis was not repopulated");
-    assert_eq!(fleet.get(1, &user.token).await.status, StatusCode::OK);
-    assert_eq!(fleet.sim.calls(Api::VerifyToken), 1, "gateway 1 read Redis");
+    fleet.assert_shared_from_0_to_1(&redis).await;
     // Local entries learnt while the channel was down were dropped (purges may have been
     // missed): alice is looked up again, from the IAM or the refilled Redis.
     fleet.sim.reset_calls();
@@ -723,18 +722,7 @@ async fn rediss_with_a_private_ca_and_a_password_file() {
         text
     };
     let fleet = Fleet::start(&url, 2, &shared("password", true)).await;
-    let user = fleet.fresh_user();
-    fleet.sim.reset_calls();
-    assert_eq!(fleet.get(0, &user.token).await.status, StatusCode::OK);
-    let (_, entry_key) = Fleet::entry_key(&user.token);
-    let stored = within(Duration::from_secs(2), || async {
-        redis.entry_keys().contains(&entry_key)
-    })
-    .await;
-    assert!(stored.is_some(), "nothing stored over TLS");
-    assert_eq!(fleet.get(1, &user.token).await.status, StatusCode::OK);
-    assert_eq!(fleet.sim.calls(Api::VerifyToken), 1);
-    assert_eq!(fleet.shared(1, "hit"), 1.0);
+    fleet.assert_shared_from_0_to_1(&redis).await;
 
     // A server the gateway cannot verify (no ca_file: system roots only), or a wrong
     // password: the shared cache is down, requests are served from the IAM as usual.

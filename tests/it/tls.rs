@@ -14,7 +14,7 @@ use mfa_gate::app::Gateway;
 use mfa_gate::config::Config;
 use mfa_gate::dev::iam_sim::{self, IamSim};
 use mfa_gate::dev::upstream::DemoUpstream;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedKey, IsCa, KeyPair};
+use rcgen::{CertifiedKey, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
@@ -219,15 +219,7 @@ async fn tls_upstream(leaf: &rcgen::Certificate, key: &KeyPair) -> SocketAddr {
 
 #[tokio::test]
 async fn https_upstream_with_a_private_ca() {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
+    let (ca, leaf, leaf_key) = crate::support::private_ca("127.0.0.1");
     let upstream = tls_upstream(&leaf, &leaf_key).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
