@@ -734,3 +734,73 @@ async fn rediss_with_a_private_ca_and_a_password_file() {
         assert_eq!(fleet.shared(0, "error"), 1.0, "{extra}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_processes_share_answers_and_purges() {
+    let Some(redis) = Redis::start() else { return };
+    let users = iam_sim::demo_users(Duration::from_secs(3600));
+    let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
+    let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let text = config_text(
+        &sim.url(),
+        &upstream.url(),
+        &format!(
+            "[cache.shared]\nredis_url = \"{}\"\nkey_prefix = \"{PREFIX}\"\nsecret_file = \"{}\"\ncommand_timeout = \"2s\"\n",
+            redis.url(),
+            dir.path().join("secret").display()
+        ),
+    );
+    let config = dir.path().join("gate.toml");
+    std::fs::write(&config, text).unwrap();
+    let (first, first_addr, first_admin) = crate::cli::Process::start(&config).await;
+    let (second, second_addr, _) = crate::cli::Process::start(&config).await;
+    let get = |addr: &str, token: &str| {
+        let url = format!("http://{addr}/app");
+        let token = token.to_string();
+        async move { send(Method::GET, &url, &[("x-auth-token", &token)], Bytes::new()).await }
+    };
+
+    let alice = users[0].clone();
+    sim.reset_calls();
+    assert_eq!(get(&first_addr, &alice.token).await.status, StatusCode::OK);
+    let (_, alice_key) = Fleet::entry_key(&alice.token);
+    let stored = within(Duration::from_secs(2), || async {
+        redis.entry_keys().contains(&alice_key)
+    })
+    .await;
+    assert!(stored.is_some(), "the first process stored nothing");
+    assert_eq!(get(&second_addr, &alice.token).await.status, StatusCode::OK);
+    assert_eq!(
+        sim.calls(Api::VerifyToken),
+        1,
+        "the second process read Redis"
+    );
+
+    sim.set_mfa_device(&alice.user_id, None);
+    let purge = format!(
+        "http://{first_admin}/admin/cache/purge?user_id={}",
+        alice.user_id
+    );
+    assert_eq!(
+        send(Method::POST, &purge, &[], Bytes::new()).await.status,
+        StatusCode::OK
+    );
+    let denied = within(Duration::from_secs(1), || async {
+        get(&second_addr, &alice.token).await.status == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert!(denied.is_some(), "the second process still lets alice in");
+
+    for process in [first, second] {
+        let (code, lines) = process.terminate().await;
+        assert_eq!(code, Some(0));
+        let log = lines.join("\n");
+        assert!(!log.contains(&alice.token), "a token in the logs");
+        assert!(
+            log.contains("fleet purge") || log.contains("cache_purge"),
+            "{log}"
+        );
+    }
+}
