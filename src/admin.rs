@@ -357,8 +357,12 @@ impl AdminState {
             None => self.cache.purge_all().await,
         };
         self.count("cache_purge", "ok");
-        tracing::info!(target: "mfa_gate::audit", action = "cache_purge", actor = %self.actor(request), user_id = user_id.as_deref().unwrap_or("*"), purged, result = "ok", "admin action");
-        json_response(StatusCode::OK, json!({"purged": purged}))
+        tracing::info!(target: "mfa_gate::audit", action = "cache_purge", actor = %self.actor(request), user_id = user_id.as_deref().unwrap_or("*"), purged = purged.local, fleet = purged.fleet.label().unwrap_or("-"), result = "ok", "admin action");
+        let mut body = json!({"purged": purged.local});
+        if let Some(fleet) = purged.fleet.label() {
+            body["fleet"] = json!(fleet);
+        }
+        json_response(StatusCode::OK, body)
     }
 }
 

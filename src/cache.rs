@@ -77,6 +77,49 @@ impl Expiry<Key, Arc<Entry>> for UntilStale {
     }
 }
 
+/// What a purge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// Entries dropped from this gateway's cache.
+    pub local: u64,
+    pub fleet: FleetPurge,
+}
+
+/// Whether a purge reached the rest of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetPurge {
+    /// No `[cache.shared]`: this gateway is the whole fleet.
+    Off,
+    /// Deleted from Redis and announced on the invalidation channel.
+    Published,
+    /// Redis failed (logged at ERROR): the others keep their entries until their channel
+    /// resynchronises or the entries expire.
+    Failed,
+}
+
+impl FleetPurge {
+    /// The admin answer's `fleet` field; none without a shared cache.
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            FleetPurge::Off => None,
+            FleetPurge::Published => Some("published"),
+            FleetPurge::Failed => Some("failed"),
+        }
+    }
+}
+
+impl From<anyhow::Result<()>> for FleetPurge {
+    fn from(result: anyhow::Result<()>) -> Self {
+        match result {
+            Ok(()) => FleetPurge::Published,
+            Err(err) => {
+                tracing::error!(cause = %format!("{err:#}"), "fleet-wide purge failed: other gateways keep their entries until their invalidation channel resynchronises or the entries expire");
+                FleetPurge::Failed
+            }
+        }
+    }
+}
+
 /// How a lookup was answered, for `mfa_gate_cache_lookups_total{result}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheResult {
@@ -256,28 +299,24 @@ impl TokenCache {
         self.purge_all_local().await
     }
 
-    /// Drops every entry, here and (with `[cache.shared]`) in the whole fleet; answers how many
-    /// there were here.
-    pub async fn purge_all(&self) -> u64 {
-        let purged = self.purge_all_local().await;
-        if let Some(shared) = &self.0.shared {
-            if let Err(err) = shared.purge_all().await {
-                tracing::error!(cause = %format!("{err:#}"), "fleet-wide purge failed: other gateways keep their entries until their invalidation channel resynchronises");
-            }
-        }
-        purged
+    /// Drops every entry, here and (with `[cache.shared]`) in the whole fleet.
+    pub async fn purge_all(&self) -> Purged {
+        let local = self.purge_all_local().await;
+        let fleet = match &self.0.shared {
+            None => FleetPurge::Off,
+            Some(shared) => FleetPurge::from(shared.purge_all().await),
+        };
+        Purged { local, fleet }
     }
 
-    /// Drops every entry of one user, here and (with `[cache.shared]`) in the whole fleet;
-    /// answers how many there were here.
-    pub async fn purge_user(&self, user_id: &str) -> u64 {
-        let purged = self.purge_user_local(user_id).await;
-        if let Some(shared) = &self.0.shared {
-            if let Err(err) = shared.purge_user(user_id).await {
-                tracing::error!(cause = %format!("{err:#}"), "fleet-wide purge failed: other gateways keep the user's entries until their invalidation channel resynchronises");
-            }
-        }
-        purged
+    /// Drops every entry of one user, here and (with `[cache.shared]`) in the whole fleet.
+    pub async fn purge_user(&self, user_id: &str) -> Purged {
+        let local = self.purge_user_local(user_id).await;
+        let fleet = match &self.0.shared {
+            None => FleetPurge::Off,
+            Some(shared) => FleetPurge::from(shared.purge_user(user_id).await),
+        };
+        Purged { local, fleet }
     }
 
     /// Applies what the fleet's invalidation channel says, until the channel's sender is gone.

@@ -143,9 +143,14 @@ pub async fn disable(
         return v5_failure(err);
     }
     let purged = cache.purge_user(user_id).await;
+    let mut body =
+        json!({"user_id": user_id, "serial_number": serial_number, "purged": purged.local});
+    if let Some(fleet) = purged.fleet.label() {
+        body["fleet"] = json!(fleet);
+    }
     Outcome {
         status: StatusCode::OK,
-        body: json!({"user_id": user_id, "serial_number": serial_number, "purged": purged}),
+        body,
         result: "ok",
     }
 }

@@ -702,6 +702,8 @@ async fn purge_drops_cached_entries() {
     )
     .await;
     assert_eq!(answer.json()["purged"], 2);
+    // A single gateway (no [cache.shared]) has no fleet to tell.
+    assert_eq!(answer.json().get("fleet"), None);
     assert_eq!(h.get_as("/", "bob").await.status, StatusCode::FORBIDDEN);
     assert_eq!(h.sim.calls(Api::VerifyToken), 4);
 }

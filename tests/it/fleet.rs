@@ -409,6 +409,8 @@ async fn a_purge_on_one_gateway_blocks_the_user_on_all_within_a_second() {
         .admin(0, &format!("/admin/cache/purge?user_id={}", alice.user_id))
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["purged"], 1);
+    assert_eq!(answer.json()["fleet"], "published");
     for g in 1..3 {
         let took = within(Duration::from_secs(1), || async {
             fleet.get(g, &alice.token).await.status == StatusCode::FORBIDDEN
@@ -453,6 +455,7 @@ async fn disabling_a_device_through_one_gateway_blocks_the_user_on_all() {
         )
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["fleet"], "published");
     assert!(fleet.sim.mfa_devices(&alice.user_id).is_empty());
     let took = within(Duration::from_secs(1), || async {
         fleet.get(1, &alice.token).await.status == StatusCode::FORBIDDEN
@@ -510,6 +513,13 @@ async fn redis_killed_mid_run_fails_no_request_and_an_empty_restart_is_repopulat
         assert_eq!(fleet.metric(g, "mfa_gate_shared_cache_up"), 0.0);
         assert!(fleet.shared(g, "error") >= 10.0);
     }
+    // A purge now drops the local entries; the operator learns that the fleet was not told.
+    let answer = fleet
+        .admin(0, &format!("/admin/cache/purge?user_id={}", carol.user_id))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["purged"], 1);
+    assert_eq!(answer.json()["fleet"], "failed");
 
     // Back, empty: the gateways find it by themselves and fill it again.
     redis.restart();
