@@ -20,6 +20,7 @@ pub mod seal;
 pub mod shared;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -145,6 +146,10 @@ struct Inner {
     /// Tokens the IAM called invalid.
     invalid: Cache<Key, Arc<Entry>>,
     inflight: Mutex<HashMap<Key, Fetch>>,
+    /// Bumped by every purge. A fetch that started before a purge answers the requests
+    /// waiting on it but is not cached (here or in the fleet): it may describe what the purge
+    /// was meant to forget, e.g. an MFA device disabled while the IAM call was in flight.
+    purges: AtomicU64,
     /// The keyed HMAC state, cloned per token (the key schedule is computed once).
     mac: Hmac<Sha256>,
     /// Replaced when a config reload changes `[iam]` (and then the entries are purged).
@@ -197,6 +202,7 @@ impl TokenCache {
                 .expire_after(UntilStale)
                 .build(),
             inflight: Mutex::new(HashMap::new()),
+            purges: AtomicU64::new(0),
             mac,
             provider: ArcSwap::from_pointee(provider),
             policy,
@@ -344,6 +350,7 @@ impl TokenCache {
 
     /// Drops every entry learnt before `instant`; answers how many.
     async fn purge_learnt_before(&self, instant: Instant) -> u64 {
+        self.0.purges.fetch_add(1, Ordering::AcqRel);
         let mut purged = 0;
         for cache in [&self.0.valid, &self.0.invalid] {
             let keys: Vec<Arc<Key>> = cache
@@ -361,6 +368,7 @@ impl TokenCache {
 
     /// Drops every entry of this gateway; answers how many there were.
     async fn purge_all_local(&self) -> u64 {
+        self.0.purges.fetch_add(1, Ordering::AcqRel);
         let count = (self.0.valid.iter().count() + self.0.invalid.iter().count()) as u64;
         self.0.valid.invalidate_all();
         self.0.invalid.invalidate_all();
@@ -371,6 +379,7 @@ impl TokenCache {
 
     /// Drops every entry of one user in this gateway; answers how many there were.
     async fn purge_user_local(&self, user_id: &str) -> u64 {
+        self.0.purges.fetch_add(1, Ordering::AcqRel);
         let keys: Vec<Arc<Key>> = self
             .0
             .valid
@@ -399,15 +408,16 @@ impl Inner {
     /// A miss: the fleet's entry if another gateway has one (or is fetching it right now), else
     /// the IAM's answer, which is then shared.
     async fn resolve(&self, key: Key, token: &Token) -> Result<Arc<Entry>, Arc<IamError>> {
+        let purges = self.purges.load(Ordering::Acquire);
         let policy = self.policy.load_full();
         let Some(shared) = &self.shared else {
-            return self.ask_iam(key, token, &policy).await;
+            return self.ask_iam(key, token, &policy, purges).await;
         };
         let needs = policy.needs();
         let (result, lock) = match shared.read(&key).await {
             Read::Hit(found) if usable(&found, needs) => {
                 self.count_shared("hit");
-                return Ok(self.insert(key, self.entry_from_fleet(found)).await);
+                return Ok(self.insert(key, self.entry_from_fleet(found), purges).await);
             }
             Read::Hit(_) | Read::Miss => ("miss", shared.lock(&key).await),
             Read::Rejected => ("rejected", shared.lock(&key).await),
@@ -417,7 +427,7 @@ impl Inner {
             match shared.wait_for(&key).await {
                 Some(found) if usable(&found, needs) => {
                     self.count_shared("hit");
-                    return Ok(self.insert(key, self.entry_from_fleet(found)).await);
+                    return Ok(self.insert(key, self.entry_from_fleet(found), purges).await);
                 }
                 // The holder failed, Redis failed, or the lock lapsed: ask the IAM ourselves.
                 _ => {}
@@ -428,14 +438,18 @@ impl Inner {
             Lock::Acquired(value) => Some(value),
             Lock::Held | Lock::Unavailable => None,
         };
-        match self.ask_iam(key, token, &policy).await {
+        match self.ask_iam(key, token, &policy, purges).await {
             Ok(entry) => {
                 let lifetime = entry.fresh_until.saturating_duration_since(Instant::now());
                 let shared_entry = FleetEntry {
                     status: entry.status.clone(),
                     fresh_until: SystemTime::now() + lifetime,
                 };
-                shared.store(key, shared_entry, lock);
+                if self.purged_since(purges) {
+                    shared.store_nothing(key, lock);
+                } else {
+                    shared.store(key, shared_entry, lock);
+                }
                 Ok(entry)
             }
             Err(err) => {
@@ -460,21 +474,35 @@ impl Inner {
         key: Key,
         token: &Token,
         policy: &Policy,
+        purges: u64,
     ) -> Result<Arc<Entry>, Arc<IamError>> {
         let provider = self.provider.load_full();
         match provider.lookup(token, policy.needs()).await {
-            Ok(status) => Ok(self.insert(key, self.entry_for(status, policy)).await),
+            Ok(status) => Ok(self
+                .insert(key, self.entry_for(status, policy), purges)
+                .await),
             Err(err) => Err(Arc::new(err)),
         }
     }
 
-    async fn insert(&self, key: Key, entry: Entry) -> Arc<Entry> {
+    /// Whether a purge happened since the fetch that read `purges` began.
+    fn purged_since(&self, purges: u64) -> bool {
+        self.purges.load(Ordering::Acquire) != purges
+    }
+
+    /// Caches `entry` unless a purge came while it was being fetched.
+    async fn insert(&self, key: Key, entry: Entry, purges: u64) -> Arc<Entry> {
         let entry = Arc::new(entry);
         let cache = match entry.status {
             TokenStatus::Valid(_) => &self.valid,
             TokenStatus::Invalid => &self.invalid,
         };
         cache.insert(key, entry.clone()).await;
+        if self.purged_since(purges) {
+            // The purge may have run before the insert: take it out again.
+            cache.invalidate(&key).await;
+            tracing::debug!("a purge came during this fetch: its answer is used once, not cached");
+        }
         entry
     }
 
@@ -484,7 +512,8 @@ impl Inner {
         let now = Instant::now();
         let wall = SystemTime::now();
         let until = |at: SystemTime| now + at.duration_since(wall).unwrap_or(Duration::ZERO);
-        let fresh_until = until(found.fresh_until);
+        // Never fresher than this gateway's own ttl allows.
+        let fresh_until = until(found.fresh_until).min(now + self.config.ttl);
         let stale_until = match &found.status {
             TokenStatus::Valid(facts) => {
                 (fresh_until + self.config.stale_if_error).min(until(facts.expires_at))

@@ -369,6 +369,15 @@ impl SharedCache {
         });
     }
 
+    /// Releases the lock, if held, without storing anything, so that waiters stop waiting and
+    /// ask the IAM themselves; in the background.
+    pub fn store_nothing(self: &Arc<Self>, key: [u8; 32], lock: Option<String>) {
+        if let Some(value) = lock {
+            let shared = self.clone();
+            tokio::spawn(async move { shared.unlock(&key, &value).await });
+        }
+    }
+
     /// Releases a lock without storing anything (the IAM failed), so that waiters stop waiting.
     pub async fn unlock(&self, key: &[u8; 32], value: &str) {
         let mut connection = self.connection();

@@ -656,6 +656,38 @@ async fn on_iam_error_allow_fails_open_without_identity() {
 }
 
 #[tokio::test]
+async fn an_answer_fetched_across_a_purge_is_used_once_but_not_cached() {
+    let h = Harness::start().await;
+    let alice = h.user("alice").clone();
+    // The MFA lookup is in flight when the purge comes (say, right after the device was
+    // disabled): what it answers may be what the purge meant to forget.
+    h.sim.set_fault(
+        Some(Api::MfaDevice),
+        Some(Fault::Latency(Duration::from_millis(600))),
+    );
+    let url = h.url("/");
+    let token = alice.token.clone();
+    let in_flight = tokio::spawn(async move {
+        send(Method::GET, &url, &[("x-auth-token", &token)], Bytes::new()).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let purge = h.admin_url(&format!("/admin/cache/purge?user_id={}", alice.user_id));
+    let answer = send(Method::POST, &purge, &[], Bytes::new()).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    h.sim.set_fault(None, None);
+    h.sim.reset_calls();
+    assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK);
+    assert_eq!(
+        h.sim.calls(Api::VerifyToken),
+        1,
+        "the answer fetched across the purge was cached"
+    );
+    assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK);
+    assert_eq!(h.sim.calls(Api::VerifyToken), 1, "a later answer is cached");
+}
+
+#[tokio::test]
 async fn purge_drops_cached_entries() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin-token");
