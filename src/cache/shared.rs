@@ -597,6 +597,12 @@ impl SharedCache {
                 let _ = events.send(FleetEvent::Purge(message.user_id));
             }
             Err(reason) => {
+                // Counted with the rejected entries: the same security signal (someone without
+                // the fleet secret writes to this Redis, or two fleets share a prefix).
+                self.metrics
+                    .shared_cache_requests
+                    .with_label_values(&["rejected"])
+                    .inc();
                 tracing::warn!(%reason, "invalidation message rejected: ignored");
             }
         }

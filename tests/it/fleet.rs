@@ -660,6 +660,28 @@ async fn forged_moved_or_tampered_redis_values_are_rejected_never_trusted() {
         replaced.is_some(),
         "carol's key still holds the copied value"
     );
+
+    // A purge message that does not open under the fleet's key is ignored, and counted.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{PREFIX}invalidate"))
+        .arg(br#"{"origin":"attacker","user_id":null}"#.as_slice())
+        .query(&mut connection)
+        .unwrap();
+    let counted = within(Duration::from_secs(2), || async {
+        fleet.shared(1, "rejected") == 5.0
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "the forged purge message was not counted"
+    );
+    fleet.sim.reset_calls();
+    assert_eq!(fleet.get(1, &alice.token).await.status, StatusCode::OK);
+    assert_eq!(
+        fleet.sim.calls(Api::VerifyToken),
+        0,
+        "the forged purge was obeyed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
