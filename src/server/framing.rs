@@ -66,17 +66,20 @@ struct HeadFacts {
 
 /// Reads the framing headers of a head (request line included, final CRLFCRLF included).
 /// `None` when the head is not an HTTP/1.x request the observer can follow.
+///
+/// The head is read as bytes, in place: header values may carry obs-text (bytes >= 0x80), but
+/// names and the framing values compared here are ASCII. Whitespace is trimmed as `str::trim`
+/// trims ASCII; Unicode spaces around a framing value would be kept, and hyper refuses such a
+/// head anyway (a non-ASCII `Content-Length` or `Transfer-Encoding` is a 400).
 fn parse_head(head: &[u8]) -> Option<HeadFacts> {
-    // Header values may carry obs-text (bytes >= 0x80); names and framing values are ASCII.
-    let text = String::from_utf8_lossy(head);
     // hyper (httparse) accepts a bare LF as a line end, so lines are split on LF.
-    let mut lines = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line));
+    let mut lines = head
+        .split(|b| *b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
     let request_line = lines.next()?;
     // Only the exact HTTP/2 preface switches hyper to HTTP/2; a `PRI / HTTP/1.1` request is
     // an ordinary HTTP/1.1 request and must be followed like any other.
-    if request_line == "PRI * HTTP/2.0" || !request_line.contains(" HTTP/1.") {
+    if request_line == b"PRI * HTTP/2.0" || !request_line.windows(8).any(|w| w == b" HTTP/1.") {
         return None;
     }
     let mut has_te = false;
@@ -84,19 +87,22 @@ fn parse_head(head: &[u8]) -> Option<HeadFacts> {
     let mut content_length = None;
     let mut has_cl = false;
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
-        let name = name.trim_end();
-        if name.eq_ignore_ascii_case("transfer-encoding") {
+        let name = trim_end(&line[..colon]);
+        let value = &line[colon + 1..];
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
             has_te = true;
             chunked = value
-                .rsplit(',')
+                .rsplit(|b| *b == b',')
                 .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        } else if name.eq_ignore_ascii_case("content-length") {
+                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
-            content_length = value.trim().parse().ok();
+            content_length = std::str::from_utf8(trim(value))
+                .ok()
+                .and_then(|value| value.parse().ok());
         }
     }
     Some(HeadFacts {
@@ -104,6 +110,46 @@ fn parse_head(head: &[u8]) -> Option<HeadFacts> {
         chunked,
         content_length,
     })
+}
+
+/// The ASCII characters `char::is_whitespace` (and so `str::trim`) treats as whitespace.
+fn is_space(byte: u8) -> bool {
+    matches!(byte, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ')
+}
+
+fn trim_end(bytes: &[u8]) -> &[u8] {
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_space(*b))
+        .map_or(0, |at| at + 1);
+    &bytes[..end]
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let bytes = trim_end(bytes);
+    let start = bytes
+        .iter()
+        .position(|b| !is_space(*b))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+/// Queues the verdict for a complete head and answers the state that follows it.
+fn after_head(head: &[u8], verdicts: &FramingVerdicts) -> State {
+    match parse_head(head) {
+        Some(facts) => {
+            verdicts.push(facts.conflict);
+            if facts.chunked {
+                State::ChunkSize(Vec::new())
+            } else {
+                match facts.content_length {
+                    Some(0) | None => State::Head(Vec::new()),
+                    Some(n) => State::Body(n),
+                }
+            }
+        }
+        None => State::Off,
+    }
 }
 
 /// Follows request framing over a stream of bytes.
@@ -139,6 +185,17 @@ impl FramingObserver {
                         if bytes.is_empty() {
                             return;
                         }
+                        // The usual case: the whole head arrived in this read. It is read in
+                        // place; only a head split over reads is collected into `head`.
+                        if let Some(end) = head_end(bytes) {
+                            if end > self.max_head {
+                                self.state = State::Off;
+                                return;
+                            }
+                            self.state = after_head(&bytes[..end], &self.verdicts);
+                            bytes = &bytes[end..];
+                            continue;
+                        }
                     }
                     let before = head.len();
                     head.extend_from_slice(bytes);
@@ -154,20 +211,7 @@ impl FramingObserver {
                                 self.state = State::Off;
                                 return;
                             }
-                            self.state = match parse_head(&head[..end]) {
-                                Some(facts) => {
-                                    self.verdicts.push(facts.conflict);
-                                    if facts.chunked {
-                                        State::ChunkSize(Vec::new())
-                                    } else {
-                                        match facts.content_length {
-                                            Some(0) | None => State::Head(Vec::new()),
-                                            Some(n) => State::Body(n),
-                                        }
-                                    }
-                                }
-                                None => State::Off,
-                            };
+                            self.state = after_head(&head[..end], &self.verdicts);
                         }
                         None => {
                             if head.len() > self.max_head {
