@@ -4,7 +4,7 @@
 //! dashboard shows `0` rather than "no data" before the first event of a kind.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -104,6 +104,15 @@ pub struct Metrics {
     /// Fleet-wide invalidations this gateway published, received, or resynchronised after an
     /// outage of the invalidation channel.
     pub shared_cache_invalidations: IntCounterVec,
+    // Label handles resolved once at start-up for the families counted on every request:
+    // `with_label_values` hashes the label values and takes a read lock each time, these are
+    // one atomic add. They are the same children the families export.
+    /// `decisions` by `[decision][reason]`, in the order of [`DECISIONS`] and [`REASONS`].
+    pub decision_counters: [[IntCounter; REASONS.len()]; DECISIONS.len()],
+    /// `request_duration` by decision, in the order of [`DECISIONS`].
+    pub request_duration_by_decision: [Histogram; DECISIONS.len()],
+    /// `upstream_responses` by class, in the order of [`UPSTREAM_CLASSES`].
+    pub upstream_responses_by_class: [IntCounter; UPSTREAM_CLASSES.len()],
 }
 
 impl Metrics {
@@ -308,6 +317,14 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let decision_counters = std::array::from_fn(|d| {
+            std::array::from_fn(|r| decisions.with_label_values(&[DECISIONS[d], REASONS[r]]))
+        });
+        let request_duration_by_decision =
+            std::array::from_fn(|d| request_duration.with_label_values(&[DECISIONS[d]]));
+        let upstream_responses_by_class =
+            std::array::from_fn(|c| upstream_responses.with_label_values(&[UPSTREAM_CLASSES[c]]));
+
         Metrics {
             registry,
             decisions,
@@ -328,6 +345,9 @@ impl Metrics {
             shared_cache_requests,
             shared_cache_up,
             shared_cache_invalidations,
+            decision_counters,
+            request_duration_by_decision,
+            upstream_responses_by_class,
         }
     }
 
