@@ -25,7 +25,7 @@ use crate::cache::TokenCache;
 use crate::config::{AllowRule, Mode, OnIamError};
 use crate::decision::{Decision, DecisionSlot, Reason};
 use crate::error::GatewayError;
-use crate::iam::TokenStatus;
+use crate::iam::{TokenStatus, UserFacts};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Subject};
 use crate::proxy::{self, path, Body, Principal, RequestInfo};
@@ -55,17 +55,19 @@ impl Auth {
         let route = effective
             .route
             .map(|route| Arc::<str>::from(route.name.as_str()));
-        let decided =
-            |allow: bool, reason: Reason, rule: Option<&AllowRule>, user: Option<&str>| {
-                slot.set(Decision {
-                    allow,
-                    reason,
-                    route: route.clone(),
-                    rule: rule.map(|rule| Arc::from(rule.name.as_str())),
-                    rule_reason: rule.and_then(|rule| rule.reason.clone()),
-                    user_id: user.map(Arc::from),
-                });
-            };
+        let decided = |allow: bool,
+                       reason: Reason,
+                       rule: Option<&AllowRule>,
+                       user: Option<&Arc<UserFacts>>| {
+            slot.set(Decision {
+                allow,
+                reason,
+                route: route.clone(),
+                rule: rule.map(|rule| Arc::from(rule.name.as_str())),
+                rule_reason: rule.and_then(|rule| rule.reason.clone()),
+                user: user.cloned(),
+            });
+        };
         let none = HeaderValue::from_static("none");
 
         if let Some(rule) = policy.match_request(subject) {
@@ -95,11 +97,9 @@ impl Auth {
                 };
             }
         };
-        let user_id = facts.identity.user_id.as_str();
-
         if let Some(rule) = policy.match_identity(subject, &facts.identity) {
             self.count_rule(&rule.name);
-            decided(true, Reason::Allowlisted, Some(rule), Some(user_id));
+            decided(true, Reason::Allowlisted, Some(rule), Some(&facts));
             return Ok(Principal {
                 user: Some(facts.clone()),
                 mfa: none,
@@ -108,7 +108,7 @@ impl Auth {
 
         let evaluation = policy.evaluate(&facts, effective);
         if evaluation.satisfied {
-            decided(true, Reason::MfaVerified, None, Some(user_id));
+            decided(true, Reason::MfaVerified, None, Some(&facts));
             return Ok(Principal {
                 user: Some(facts.clone()),
                 mfa: evaluation.factors,
@@ -116,14 +116,14 @@ impl Auth {
         }
         match effective.mode {
             Mode::ReportOnly => {
-                decided(true, Reason::ReportOnly, None, Some(user_id));
+                decided(true, Reason::ReportOnly, None, Some(&facts));
                 Ok(Principal {
                     user: Some(facts.clone()),
                     mfa: none,
                 })
             }
             Mode::Enforce => {
-                decided(false, Reason::NoMfa, None, Some(user_id));
+                decided(false, Reason::NoMfa, None, Some(&facts));
                 Err(GatewayError::NoMfa {
                     help_url: policy.help_url().cloned(),
                 })
@@ -218,14 +218,18 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let info = request.extensions().get::<RequestInfo>().cloned().ok_or(
-                GatewayError::Internal("request reached auth without request info"),
-            )?;
             let slot = request
                 .extensions()
                 .get::<DecisionSlot>()
                 .cloned()
                 .unwrap_or_default();
+            // Borrowed, not copied: the proxy takes it out of the request later.
+            let info = request
+                .extensions()
+                .get::<RequestInfo>()
+                .ok_or(GatewayError::Internal(
+                    "request reached auth without request info",
+                ))?;
 
             if &*info.path == DECISION_PATH {
                 let trusted = auth.policy.load().trusted_proxies().to_vec();

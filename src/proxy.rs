@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -28,7 +28,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::auth::token::Token;
+use crate::auth::token::{Token, X_AUTH_TOKEN};
 use crate::config::{TokenConfig, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::iam::UserFacts;
@@ -47,6 +47,8 @@ pub struct RequestInfo {
     pub request_id: HeaderValue,
     /// The socket peer (never a header: headers are the client's word).
     pub peer: SocketAddr,
+    /// Its IP address as a header value, for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
     /// `http` or `https`, of the listener the request came in on.
     pub proto: &'static str,
     /// The normalised path, the one that was matched and is forwarded.
@@ -113,17 +115,29 @@ impl Upstream {
         })
     }
 
-    fn target(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
-        let path_and_query = match query {
-            Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
-            None => PathAndQuery::try_from(path),
-        }
-        .map_err(|_| GatewayError::bad_request("request target cannot be forwarded"))?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+    /// The upstream's URI for the normalised `path` and the client's query. When normalising
+    /// changed nothing (the common case), the client's path-and-query is reused as it is
+    /// (already validated by hyper, shared rather than copied); else one string is built.
+    fn target(&self, path: &str, original: &Uri) -> Result<Uri, GatewayError> {
+        let unusable = |_| GatewayError::bad_request("request target cannot be forwarded");
+        let path_and_query = match original.path_and_query() {
+            Some(pq) if pq.path() == path => pq.clone(),
+            _ => match original.query() {
+                Some(query) => {
+                    let mut target = String::with_capacity(path.len() + 1 + query.len());
+                    target.push_str(path);
+                    target.push('?');
+                    target.push_str(query);
+                    PathAndQuery::try_from(target).map_err(unusable)?
+                }
+                None => PathAndQuery::try_from(path).map_err(unusable)?,
+            },
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts)
             .map_err(|_| GatewayError::bad_request("request target cannot be forwarded"))
     }
 
@@ -135,7 +149,7 @@ impl Upstream {
         principal: &Principal,
         websocket: bool,
     ) -> Result<Request<Incoming>, GatewayError> {
-        let uri = self.target(&info.path, request.uri().query())?;
+        let uri = self.target(&info.path, request.uri())?;
         let host = request.headers().get(HOST).cloned().or_else(|| {
             request
                 .uri()
@@ -143,29 +157,28 @@ impl Upstream {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let headers = request.headers_mut();
-        let previous_xff = headers.get("x-forwarded-for").cloned();
+        // Room for the headers added below, so that the map grows once at most.
+        headers.reserve(12);
+        let previous_xff = headers.get(headers::X_FORWARDED_FOR).cloned();
         headers::strip_hop_by_hop(headers, websocket);
         headers::strip_managed(headers);
         if !self.forward_token {
-            headers.remove("x-auth-token");
+            headers.remove(X_AUTH_TOKEN);
             headers.remove(http::header::AUTHORIZATION);
         }
-        if let Some(host) = &host {
+        if let Some(host) = host {
             headers.insert(HOST, host.clone());
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+            headers.insert(headers::X_FORWARDED_HOST, host);
         }
         headers.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            headers::forwarded_for(previous_xff.as_ref(), info.peer.ip()),
+            headers::X_FORWARDED_FOR,
+            headers::forwarded_for(previous_xff.as_ref(), &info.peer_ip),
         );
         headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
+            headers::X_FORWARDED_PROTO,
             HeaderValue::from_static(info.proto),
         );
-        headers.insert(
-            HeaderName::from_static("x-request-id"),
-            info.request_id.clone(),
-        );
+        headers.insert(headers::X_REQUEST_ID, info.request_id.clone());
         write_identity(headers, principal);
         if let Some(signer) = &self.assertion {
             let identity = principal.user.as_ref().map(|user| &user.identity);
@@ -180,7 +193,7 @@ impl Upstream {
             };
             match signer.sign(&claims).map(|jwt| HeaderValue::from_str(&jwt)) {
                 Ok(Ok(value)) => {
-                    headers.insert(HeaderName::from_static("x-auth-assertion"), value);
+                    headers.insert(headers::X_AUTH_ASSERTION, value);
                 }
                 _ => return Err(GatewayError::Internal("cannot sign the identity assertion")),
             }
@@ -208,11 +221,11 @@ impl Upstream {
             .observe(started.elapsed().as_secs_f64());
         let mut response = match result {
             Err(_) => {
-                self.count("timeout");
+                self.count(CLASS_TIMEOUT);
                 return Err(GatewayError::UpstreamTimeout(self.timeout));
             }
             Ok(Err(err)) => {
-                self.count("error");
+                self.count(CLASS_ERROR);
                 return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
             }
             Ok(Ok(response)) => response,
@@ -228,21 +241,25 @@ impl Upstream {
         Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
     }
 
-    fn count(&self, class: &str) {
-        self.metrics
-            .upstream_responses
-            .with_label_values(&[class])
-            .inc();
+    /// Counts an upstream answer (or its absence) by its class index.
+    fn count(&self, class: usize) {
+        self.metrics.upstream_responses_by_class[class].inc();
     }
 }
 
-fn status_class(status: StatusCode) -> &'static str {
+/// `error` and `timeout` in [`crate::metrics::UPSTREAM_CLASSES`].
+const CLASS_ERROR: usize = 5;
+const CLASS_TIMEOUT: usize = 6;
+
+/// The status class of an answer (`1xx` … `5xx`), as its index in
+/// [`crate::metrics::UPSTREAM_CLASSES`].
+fn status_class(status: StatusCode) -> usize {
     match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -285,20 +302,24 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let upstream = self.upstream.load_full();
         Box::pin(async move {
+            // Taken out, not copied: nothing after the proxy reads them.
             let principal =
                 request
-                    .extensions()
-                    .get::<Principal>()
-                    .cloned()
+                    .extensions_mut()
+                    .remove::<Principal>()
                     .ok_or(GatewayError::Internal(
                         "request reached the proxy without a decision",
                     ))?;
-            let info = request.extensions().get::<RequestInfo>().cloned().ok_or(
-                GatewayError::Internal("request reached the proxy without request info"),
-            )?;
+            let info =
+                request
+                    .extensions_mut()
+                    .remove::<RequestInfo>()
+                    .ok_or(GatewayError::Internal(
+                        "request reached the proxy without request info",
+                    ))?;
             upstream.forward(request, &info, &principal).await
         })
     }
@@ -310,10 +331,10 @@ pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
     if let Some(user) = &principal.user {
         let identity = &user.identity;
         for (name, value) in [
-            ("x-auth-user-id", &identity.user_id),
-            ("x-auth-user-name", &identity.user_name),
-            ("x-auth-domain-id", &identity.domain_id),
-            ("x-auth-domain-name", &identity.domain_name),
+            (headers::X_AUTH_USER_ID, &identity.user_id),
+            (headers::X_AUTH_USER_NAME, &identity.user_name),
+            (headers::X_AUTH_DOMAIN_ID, &identity.domain_id),
+            (headers::X_AUTH_DOMAIN_NAME, &identity.domain_name),
         ] {
             // Values come from the IAM; one that is empty (CloudSSO has no domain name) or
             // not a valid header value is left out rather than forwarded mangled.
@@ -321,11 +342,11 @@ pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
                 continue;
             }
             if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
+                headers.insert(name, value);
             }
         }
     }
-    headers.insert(HeaderName::from_static("x-auth-mfa"), principal.mfa.clone());
+    headers.insert(headers::X_AUTH_MFA, principal.mfa.clone());
 }
 
 /// A response of the gateway's own with a small JSON or text body.
@@ -333,4 +354,26 @@ pub fn full_body(bytes: impl Into<Bytes>) -> Body {
     http_body_util::Full::new(bytes.into())
         .map_err(|never: Infallible| match never {})
         .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::UPSTREAM_CLASSES;
+
+    #[test]
+    fn class_indexes_name_the_metric_labels() {
+        assert_eq!(UPSTREAM_CLASSES[CLASS_ERROR], "error");
+        assert_eq!(UPSTREAM_CLASSES[CLASS_TIMEOUT], "timeout");
+        for (code, label) in [
+            (101, "1xx"),
+            (204, "2xx"),
+            (302, "3xx"),
+            (404, "4xx"),
+            (503, "5xx"),
+        ] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(UPSTREAM_CLASSES[status_class(status)], label);
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -48,10 +49,7 @@ fn connection_error(
     match parse {
         Some(parse) => {
             let status: u16 = if parse.is_parse_too_large() { 431 } else { 400 };
-            metrics
-                .decisions
-                .with_label_values(&["deny", "bad_request"])
-                .inc();
+            metrics.decision_counters[1][crate::decision::Reason::BadRequest.index()].inc();
             tracing::info!(
                 target: "mfa_gate::access",
                 request_id = "-", method = "-", path = "-", status,
@@ -121,6 +119,8 @@ pub async fn serve(
         let observer = FramingObserver::new(framing.clone(), buf_size(&settings));
         let conn_info = ConnInfo {
             peer,
+            peer_ip: HeaderValue::try_from(peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
             proto,
             framing,
         };

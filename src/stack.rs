@@ -14,21 +14,19 @@
 pub mod edge;
 pub mod guard;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
-use crate::auth::{Auth, AuthLayer};
+use crate::auth::{Auth, AuthLayer, AuthService};
 use crate::metrics::Metrics;
-use crate::proxy::{Body, ProxyService, Upstream};
+use crate::proxy::{ProxyService, Upstream};
 
-/// The service handed to hyper for every connection of the main listener.
-pub type GatewayService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+/// The service handed to hyper for every connection of the main listener. Its concrete type,
+/// not a boxed one: the server clones it for every request, and a boxed service would allocate
+/// for each clone and box the (already boxed) future once more.
+pub type GatewayService = edge::EdgeService<guard::GuardService<AuthService<ProxyService>>>;
 
 /// Builds the stack of the main listener.
 pub fn build(
@@ -37,10 +35,9 @@ pub fn build(
     metrics: Arc<Metrics>,
     max_header_bytes: usize,
 ) -> GatewayService {
-    let service = ServiceBuilder::new()
+    ServiceBuilder::new()
         .layer(edge::EdgeLayer::new(metrics))
         .layer(guard::GuardLayer::new(max_header_bytes))
         .layer(AuthLayer::new(auth))
-        .service(ProxyService::new(upstream));
-    BoxCloneSyncService::new(service)
+        .service(ProxyService::new(upstream))
 }

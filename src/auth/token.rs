@@ -32,6 +32,10 @@ impl fmt::Display for Token {
     }
 }
 
+/// `X-Auth-Token`, the first place a token is read from (a name built at compile time: a
+/// lookup by `&str` parses it again on every call).
+pub const X_AUTH_TOKEN: http::HeaderName = http::HeaderName::from_static("x-auth-token");
+
 /// The longest token accepted; real IAM tokens are a few KiB, anything far larger is an attack
 /// on the IAM or on memory.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -50,7 +54,7 @@ pub enum TokenError {
 /// app, which might act on it.
 pub fn conflicting(headers: &http::HeaderMap) -> bool {
     let x_auth = headers
-        .get("x-auth-token")
+        .get(X_AUTH_TOKEN)
         .map(|value| trim(value.as_bytes()))
         .filter(|value| !value.is_empty());
     let bearer = headers
@@ -65,7 +69,7 @@ pub fn conflicting(headers: &http::HeaderMap) -> bool {
 /// the request guard.
 pub fn extract(headers: &http::HeaderMap) -> Result<Option<Token>, TokenError> {
     let from_header = headers
-        .get("x-auth-token")
+        .get(X_AUTH_TOKEN)
         .map(|value| trim(value.as_bytes()))
         .filter(|value| !value.is_empty());
     let raw = match from_header {

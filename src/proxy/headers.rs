@@ -5,7 +5,10 @@
 //! same name, e.g. `X_Auth_User_Id` becoming `HTTP_X_AUTH_USER_ID` in CGI/WSGI), and write the
 //! identity and forwarding headers the upstream may trust.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 
 /// Headers only the gateway may set. A client-supplied header whose name folds to one of these
 /// (lowercase, `_` and `.` read as `-`) is removed before forwarding.
@@ -37,18 +40,38 @@ const IDENTITY: &[&str] = &[
     "x-auth-mfa",
 ];
 
-/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones proxies still meet.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones proxies still meet, as
+/// [`HeaderName`]s: comparing two of them is an integer compare for the standard names, where a
+/// lookup by `&str` parses and hashes the name on every call.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
 ];
+
+/// `Keep-Alive` (RFC 2068 §19.7.1), which RFC 9110 §7.6.1 names among those to remove.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection`: pre-standard, still sent by some clients.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+// The names the gateway reads or writes on every request, built at compile time: a lookup by
+// `&str` would parse and validate the name again on each call.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_AUTH_USER_ID: HeaderName = HeaderName::from_static("x-auth-user-id");
+pub const X_AUTH_USER_NAME: HeaderName = HeaderName::from_static("x-auth-user-name");
+pub const X_AUTH_DOMAIN_ID: HeaderName = HeaderName::from_static("x-auth-domain-id");
+pub const X_AUTH_DOMAIN_NAME: HeaderName = HeaderName::from_static("x-auth-domain-name");
+pub const X_AUTH_MFA: HeaderName = HeaderName::from_static("x-auth-mfa");
+pub const X_AUTH_ASSERTION: HeaderName = HeaderName::from_static("x-auth-assertion");
 
 /// Compares a header name with a canonical lowercase one the way frameworks fold names.
 fn folds_to(name: &str, canonical: &str) -> bool {
@@ -67,20 +90,24 @@ fn folds_to_any(name: &str, set: &[&str]) -> bool {
     set.iter().any(|canonical| folds_to(name, canonical))
 }
 
-/// The header names listed in `Connection` headers, lowercased.
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+/// The header names listed in `Connection` headers, trimmed, in the case they were sent
+/// (compare them case-insensitively).
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> + '_ {
     headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
+        .map(str::trim)
         .filter(|token| !token.is_empty())
 }
 
-/// `Some(name)` if a `Connection` header names an identity header (in any folded spelling).
+/// `Some(name)` (lowercased) if a `Connection` header names an identity header (in any folded
+/// spelling).
 pub fn connection_names_identity(headers: &HeaderMap) -> Option<String> {
-    connection_tokens(headers).find(|token| folds_to_any(token, IDENTITY))
+    connection_tokens(headers)
+        .find(|token| folds_to_any(token, IDENTITY))
+        .map(str::to_ascii_lowercase)
 }
 
 /// Whether this is a WebSocket upgrade request (RFC 6455 §4.1), the one upgrade passed through.
@@ -89,24 +116,35 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         .get(UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
-    upgrade && connection_tokens(headers).any(|token| token == "upgrade")
+    upgrade && connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Removes hop-by-hop headers and the headers `Connection` names. With `keep_upgrade`, a
 /// WebSocket upgrade's `Connection: upgrade` and `Upgrade` survive.
+///
+/// One pass over the names present decides what goes; most requests carry none of these and
+/// leave without an allocation or a hash lookup.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<String> = connection_tokens(headers).collect();
-    for name in named {
-        if keep_upgrade && name == "upgrade" {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if keep_upgrade && (name == UPGRADE || name == CONNECTION) {
             continue;
         }
-        headers.remove(name.as_str());
+        if HOP_BY_HOP.contains(name) {
+            doomed.push(name.clone());
+        }
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && (*name == "upgrade" || *name == "connection") {
+    for token in connection_tokens(headers) {
+        if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
             continue;
         }
-        headers.remove(*name);
+        // `from_bytes` lowercases; a token that is no header name names nothing here.
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            doomed.push(name);
+        }
+    }
+    for name in doomed {
+        headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -136,15 +174,16 @@ pub fn strip_managed(headers: &mut HeaderMap) {
 }
 
 /// `X-Forwarded-For` as nginx's `$proxy_add_x_forwarded_for`: the client's list, if any, with
-/// the peer address appended.
-pub fn forwarded_for(previous: Option<&HeaderValue>, peer: std::net::IpAddr) -> HeaderValue {
-    let value = match previous.and_then(|v| v.to_str().ok()).map(str::trim) {
-        Some(list) if !list.is_empty() => format!("{list}, {peer}"),
-        _ => peer.to_string(),
-    };
-    HeaderValue::from_str(&value).unwrap_or_else(|_| {
-        HeaderValue::from_str(&peer.to_string()).expect("an IP address is a valid header value")
-    })
+/// the peer address (`peer_ip`, already a header value) appended.
+pub fn forwarded_for(previous: Option<&HeaderValue>, peer_ip: &HeaderValue) -> HeaderValue {
+    let list = previous.and_then(|v| v.to_str().ok()).map(str::trim);
+    match (list, peer_ip.to_str()) {
+        (Some(list), Ok(peer)) if !list.is_empty() => {
+            // From the `String` itself: its buffer becomes the value's, without a second copy.
+            HeaderValue::try_from(format!("{list}, {peer}")).unwrap_or_else(|_| peer_ip.clone())
+        }
+        _ => peer_ip.clone(),
+    }
 }
 
 /// A client's `X-Request-Id` is kept only if it is short and plain, so it cannot inject into
@@ -231,10 +270,12 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_like_nginx() {
-        let peer = "10.0.0.7".parse().unwrap();
-        assert_eq!(forwarded_for(None, peer), "10.0.0.7");
+        let peer = HeaderValue::from_static("10.0.0.7");
+        assert_eq!(forwarded_for(None, &peer), "10.0.0.7");
         let prev = HeaderValue::from_static("1.2.3.4");
-        assert_eq!(forwarded_for(Some(&prev), peer), "1.2.3.4, 10.0.0.7");
+        assert_eq!(forwarded_for(Some(&prev), &peer), "1.2.3.4, 10.0.0.7");
+        let blank = HeaderValue::from_static("  ");
+        assert_eq!(forwarded_for(Some(&blank), &peer), "10.0.0.7");
     }
 
     #[test]

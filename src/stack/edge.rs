@@ -5,23 +5,26 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::decision::DecisionSlot;
+use crate::decision::{DecisionSlot, Reason};
 use crate::error::{Fault, GatewayError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, DECISIONS};
 use crate::proxy::{headers, Body};
 
 /// Where the connection came from; put into every request by the server.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP address as a header value (`X-Forwarded-For`), formatted once per
+    /// connection rather than once per request.
+    pub peer_ip: HeaderValue,
     /// `http` or `https`.
     pub proto: &'static str,
     /// What the framing observer saw of each HTTP/1 request head on this connection.
@@ -31,11 +34,6 @@ pub struct ConnInfo {
 /// The request id, chosen here so that even a refused request's answer carries one.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub HeaderValue);
-
-/// The normalised path, once the guard has it, for the access log (a raw path that failed
-/// normalisation is never logged: it is attacker-controlled bytes).
-#[derive(Debug, Clone, Default)]
-pub struct LoggedPath(pub Arc<OnceLock<Arc<str>>>);
 
 /// The client address for the access log, formatted lazily.
 struct PeerIp(Option<SocketAddr>);
@@ -47,6 +45,13 @@ impl std::fmt::Display for PeerIp {
             None => Ok(()),
         }
     }
+}
+
+/// A fresh `X-Request-Id`: a random (v4) UUID, hyphenated, formatted on the stack.
+fn new_request_id() -> HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
 /// Whether the client is a browser asking for a page (`Accept` names `text/html`); API clients
@@ -124,15 +129,11 @@ where
 
             let request_id = request
                 .headers()
-                .get("x-request-id")
+                .get(headers::X_REQUEST_ID)
                 .filter(|value| headers::acceptable_request_id(value))
                 .cloned()
-                .unwrap_or_else(|| {
-                    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                        .expect("a UUID is a valid header value")
-                });
+                .unwrap_or_else(new_request_id);
             let slot = DecisionSlot::default();
-            let logged_path = LoggedPath::default();
             let method = request.method().clone();
             let wants_html = prefers_html(request.headers());
             let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer);
@@ -140,7 +141,6 @@ where
                 .extensions_mut()
                 .insert(RequestId(request_id.clone()));
             request.extensions_mut().insert(slot.clone());
-            request.extensions_mut().insert(logged_path.clone());
 
             let result = match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
                 Ok(()) => inner.call(request).await,
@@ -165,43 +165,34 @@ where
             };
             response
                 .headers_mut()
-                .insert(HeaderName::from_static("x-request-id"), request_id.clone());
+                .insert(headers::X_REQUEST_ID, request_id.clone());
 
-            let decision = slot.get().cloned();
-            let (decision_label, reason_label) = match (&decision, &error) {
-                (Some(decision), _) => (Some(decision.label()), Some(decision.reason.label())),
-                (None, Some((_, _, Some(reason)))) => (Some("deny"), Some(reason.label())),
-                _ => (None, None),
+            let decision = slot.get();
+            // (allow, reason) of what is counted: the auth layer's decision, else the refusal.
+            let counted: Option<(bool, Reason)> = match (decision, &error) {
+                (Some(decision), _) => Some((decision.allow, decision.reason)),
+                (None, Some((_, _, Some(reason)))) => Some((false, *reason)),
+                _ => None,
             };
             let elapsed = started.elapsed();
-            if let (Some(decision), Some(reason)) = (decision_label, reason_label) {
-                metrics
-                    .decisions
-                    .with_label_values(&[decision, reason])
-                    .inc();
-                if let Some(route) = slot.get().and_then(|d| d.route.as_deref()) {
+            if let Some((allow, reason)) = counted {
+                let d = usize::from(!allow);
+                metrics.decision_counters[d][reason.index()].inc();
+                if let Some(route) = decision.and_then(|d| d.route.as_deref()) {
                     metrics
                         .route_decisions
-                        .with_label_values(&[route, decision, reason])
+                        .with_label_values(&[route, DECISIONS[d], reason.label()])
                         .inc();
                 }
-                metrics
-                    .request_duration
-                    .with_label_values(&[decision])
-                    .observe(elapsed.as_secs_f64());
+                metrics.request_duration_by_decision[d].observe(elapsed.as_secs_f64());
             }
+            let decision_label = counted.map(|(allow, _)| DECISIONS[usize::from(!allow)]);
+            let reason_label = counted.map(|(_, reason)| reason.label());
 
-            let path = logged_path.0.get().map(|p| &**p).unwrap_or("-");
-            let user_id = decision
-                .as_ref()
-                .and_then(|d| d.user_id.as_deref())
-                .unwrap_or("-");
-            let rule = decision
-                .as_ref()
-                .and_then(|d| d.rule.as_deref())
-                .unwrap_or("-");
+            let path = slot.path().unwrap_or("-");
+            let user_id = decision.and_then(|d| d.user_id()).unwrap_or("-");
+            let rule = decision.and_then(|d| d.rule.as_deref()).unwrap_or("-");
             let rule_reason = decision
-                .as_ref()
                 .and_then(|d| d.rule_reason.as_deref())
                 .unwrap_or("-");
             let status = response.status().as_u16();

@@ -6,8 +6,6 @@
 //! second token, `Content-Length` next to `Transfer-Encoding` (request smuggling), a path that
 //! decodes differently in the app than in the allowlist.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -15,10 +13,13 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
+use futures_util::future::{ready, Either, Ready};
+
 use crate::auth::token;
+use crate::decision::DecisionSlot;
 use crate::error::GatewayError;
 use crate::proxy::{headers, path, Body, RequestInfo};
-use crate::stack::edge::{ConnInfo, LoggedPath, RequestId};
+use crate::stack::edge::{ConnInfo, RequestId};
 
 #[derive(Clone)]
 pub struct GuardLayer {
@@ -86,7 +87,7 @@ fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str
         (Version::HTTP_11, 0) => return Err(GatewayError::bad_request("missing Host header")),
         _ => {}
     }
-    if count(headers, "x-auth-token") > 1 {
+    if count(headers, token::X_AUTH_TOKEN) > 1 {
         return Err(GatewayError::bad_request("repeated X-Auth-Token header"));
     }
     if count(headers, AUTHORIZATION) > 1 {
@@ -112,6 +113,45 @@ fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str
     Ok(Arc::from(normal.as_ref()))
 }
 
+/// Admits the request or says why not; on admission leaves the [`RequestInfo`] in it.
+fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(), GatewayError> {
+    // Taken, not copied: no later layer reads it (they read the `RequestInfo` made here).
+    let conn = request
+        .extensions_mut()
+        .remove::<ConnInfo>()
+        .ok_or(GatewayError::Internal("request without connection info"))?;
+    // hyper drops Content-Length when Transfer-Encoding is present; the framing observer saw
+    // the head as it arrived.
+    let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
+    if http1 && conn.framing.next_conflict() == Some(true) {
+        return Err(GatewayError::bad_framing(
+            "Content-Length together with Transfer-Encoding",
+        ));
+    }
+    // Only this layer reads it: taken, not copied.
+    let request_id = request
+        .extensions_mut()
+        .remove::<RequestId>()
+        .ok_or(GatewayError::Internal("request without request id"))?;
+    let path = check(request, max_header_bytes)?;
+    if let Some(slot) = request.extensions().get::<DecisionSlot>() {
+        slot.set_path(path.clone());
+    }
+    let token = token::extract(request.headers()).map_err(|err| {
+        tracing::debug!(cause = %err, "token refused before any IAM call");
+        GatewayError::InvalidToken
+    })?;
+    request.extensions_mut().insert(RequestInfo {
+        request_id: request_id.0,
+        peer: conn.peer,
+        peer_ip: conn.peer_ip,
+        proto: conn.proto,
+        path,
+        token,
+    });
+    Ok(())
+}
+
 impl<S> tower::Service<Request<Incoming>> for GuardService<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
@@ -122,51 +162,19 @@ where
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+    /// The checks are synchronous: a refusal is ready at once, an admitted request is the inner
+    /// service's future itself (no allocation of a future of our own).
+    type Future = Either<Ready<Result<Response<Body>, GatewayError>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        let max_header_bytes = self.max_header_bytes;
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let conn = request
-                .extensions()
-                .get::<ConnInfo>()
-                .cloned()
-                .ok_or(GatewayError::Internal("request without connection info"))?;
-            // hyper drops Content-Length when Transfer-Encoding is present; the framing
-            // observer saw the head as it arrived.
-            let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
-            if http1 && conn.framing.next_conflict() == Some(true) {
-                return Err(GatewayError::bad_framing(
-                    "Content-Length together with Transfer-Encoding",
-                ));
-            }
-            let request_id = request
-                .extensions()
-                .get::<RequestId>()
-                .cloned()
-                .ok_or(GatewayError::Internal("request without request id"))?;
-            let path = check(&request, max_header_bytes)?;
-            if let Some(logged) = request.extensions().get::<LoggedPath>() {
-                let _ = logged.0.set(path.clone());
-            }
-            let token = token::extract(request.headers()).map_err(|err| {
-                tracing::debug!(cause = %err, "token refused before any IAM call");
-                GatewayError::InvalidToken
-            })?;
-            request.extensions_mut().insert(RequestInfo {
-                request_id: request_id.0,
-                peer: conn.peer,
-                proto: conn.proto,
-                path,
-                token,
-            });
-            inner.call(request).await
-        })
+        match admit(&mut request, self.max_header_bytes) {
+            // The inner service was polled ready just before, and is called right here.
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(err) => Either::Left(ready(Err(err))),
+        }
     }
 }
