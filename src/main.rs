@@ -467,3 +467,8 @@ async fn wait_for_signal() {
         _ = int.recv() => {}
     }
 }
+
+/// mimalloc instead of the system allocator: a proxy allocates and frees small buffers on every
+/// request, and glibc's malloc spent ~15% of the cached path's instructions doing it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
