@@ -158,6 +158,19 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
     Ok(())
 }
 
+/// tokio's multi-thread scheduler with `TOKIO_WORKER_THREADS` workers (default: one per CPU);
+/// with exactly one worker asked for, the current-thread scheduler, which does the same job on
+/// the main thread without the hand-offs between threads.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let one_worker = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|n| n.trim() == "1");
+    let mut builder = if one_worker {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
+}
+
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|err| {
         eprintln!("mfa-gate: config error: {err}");
@@ -193,10 +206,7 @@ fn main() -> ExitCode {
         eprintln!("mfa-gate: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("mfa-gate: cannot start the runtime: {err}");
