@@ -131,11 +131,12 @@ pub enum CacheResult {
 }
 
 impl CacheResult {
-    fn label(self) -> &'static str {
+    /// Index into [`crate::metrics::CACHE_RESULTS`].
+    fn index(self) -> usize {
         match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Stale => "stale",
+            CacheResult::Hit => 0,
+            CacheResult::Miss => 1,
+            CacheResult::Stale => 2,
         }
     }
 }
@@ -260,11 +261,7 @@ impl TokenCache {
     }
 
     fn count(&self, result: CacheResult) {
-        self.0
-            .metrics
-            .cache_lookups
-            .with_label_values(&[result.label()])
-            .inc();
+        self.0.metrics.cache_lookups_by_result[result.index()].inc();
     }
 
     /// Joins the fetch in flight for `key`, or starts one in its own task.
@@ -573,6 +570,22 @@ fn usable(found: &FleetEntry, needs: Needs) -> bool {
             facts.expires_at > SystemTime::now()
                 && (!needs.mfa_device || facts.mfa_device.is_some())
                 && (!needs.login_protect || facts.login_protect.is_some())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_lookup_result_counts_under_its_own_label() {
+        for (result, label) in [
+            (CacheResult::Hit, "hit"),
+            (CacheResult::Miss, "miss"),
+            (CacheResult::Stale, "stale"),
+        ] {
+            assert_eq!(crate::metrics::CACHE_RESULTS[result.index()], label);
         }
     }
 }

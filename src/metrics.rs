@@ -47,6 +47,9 @@ pub const IAM_OUTCOMES: [&str; 9] = [
     "bad_response",
 ];
 
+/// `result` label values of `mfa_gate_cache_lookups_total`.
+pub const CACHE_RESULTS: [&str; 3] = ["hit", "miss", "stale"];
+
 /// `result` label values of `mfa_gate_shared_cache_requests_total`.
 pub const SHARED_CACHE_RESULTS: [&str; 4] = ["hit", "miss", "error", "rejected"];
 
@@ -113,6 +116,9 @@ pub struct Metrics {
     pub request_duration_by_decision: [Histogram; DECISIONS.len()],
     /// `upstream_responses` by class, in the order of [`UPSTREAM_CLASSES`].
     pub upstream_responses_by_class: [IntCounter; UPSTREAM_CLASSES.len()],
+    /// `cache_lookups` by result, in the order of [`CACHE_RESULTS`] (counted on every request
+    /// that carries a token).
+    pub cache_lookups_by_result: [IntCounter; CACHE_RESULTS.len()],
 }
 
 impl Metrics {
@@ -288,7 +294,7 @@ impl Metrics {
                 iam_requests.with_label_values(&[api, outcome]);
             }
         }
-        for result in ["hit", "miss", "stale"] {
+        for result in CACHE_RESULTS {
             cache_lookups.with_label_values(&[result]);
         }
         for result in SHARED_CACHE_RESULTS {
@@ -322,6 +328,8 @@ impl Metrics {
         });
         let request_duration_by_decision =
             std::array::from_fn(|d| request_duration.with_label_values(&[DECISIONS[d]]));
+        let cache_lookups_by_result =
+            std::array::from_fn(|r| cache_lookups.with_label_values(&[CACHE_RESULTS[r]]));
         let upstream_responses_by_class =
             std::array::from_fn(|c| upstream_responses.with_label_values(&[UPSTREAM_CLASSES[c]]));
 
@@ -348,6 +356,7 @@ impl Metrics {
             decision_counters,
             request_duration_by_decision,
             upstream_responses_by_class,
+            cache_lookups_by_result,
         }
     }
 
