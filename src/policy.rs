@@ -196,13 +196,23 @@ impl Policy {
             Require::LoginProtect => (false, true),
             Require::Any | Require::All => (true, true),
         };
-        let mut factors = Vec::with_capacity(2);
-        if count_device && device {
-            factors.push(self.device_factor.to_string());
-        }
-        if let (true, Some(method)) = (count_login_protect, login_protect) {
-            factors.push(format!("login_protect:{method}"));
-        }
+        let counted_method = login_protect.filter(|_| count_login_protect);
+        let factors = match (count_device && device, counted_method) {
+            (false, None) => HeaderValue::from_static("none"),
+            // The common case costs no allocation: the factor name is static.
+            (true, None) => HeaderValue::from_static(self.device_factor),
+            (with_device, Some(method)) => {
+                let mut text = String::with_capacity(40);
+                if with_device {
+                    text.push_str(self.device_factor);
+                    text.push(',');
+                }
+                text.push_str("login_protect:");
+                text.push_str(method);
+                // Factor names and lowercased IAM methods checked against the config's list.
+                HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("none"))
+            }
+        };
         let factor_ok = match effective.require {
             Require::MfaDevice => device,
             Require::LoginProtect => login_protect.is_some(),
@@ -210,12 +220,6 @@ impl Policy {
             Require::All => device && login_protect.is_some(),
         };
         let satisfied = factor_ok && (!effective.require_totp_login || facts.totp_login);
-        let factors = if factors.is_empty() {
-            HeaderValue::from_static("none")
-        } else {
-            // Factor names and lowercased IAM methods checked against the config's list.
-            HeaderValue::from_str(&factors.join(",")).unwrap_or(HeaderValue::from_static("none"))
-        };
         Evaluation { satisfied, factors }
     }
 }
