@@ -5,11 +5,14 @@
 #
 #   bash bench/run.sh                  # full run (~10 min on 2 cores, after the builds)
 #   bash bench/run.sh --smoke          # every row ~2 s: builds and proves the suite works (CI)
+#   bash bench/run.sh --soak           # instead: 10 min of mixed traffic, RSS/fds/p99 per minute
+#                                      # and whether the tail is flat (not in CI; ~11 min)
 #   bash bench/run.sh --install-deps   # first apt-get install what is missing (root + apt)
 #   bash bench/run.sh --no-build       # use the binaries of the last build
 #   bash bench/run.sh --nice 0         # scheduling priority of everything measured (default -10
 #                                      # as root: ahead of other builds on a shared machine)
 #   bash bench/run.sh -- --rounds 5    # anything after -- goes to `mfa-gate-bench run`
+#                                      # (with --soak: to `mfa-gate-bench soak`, e.g. --rate 3000)
 #
 # Environment: CARGO_TARGET_DIR (mfa-gate's release build, default /tmp/target-bench),
 # HARNESS_TARGET_DIR (default: the same, so that the harness reuses every dependency compiled
@@ -24,6 +27,7 @@ HARNESS_TARGET_DIR="${HARNESS_TARGET_DIR:-$TARGET_DIR}"
 OUT="${BENCH_OUT:-$HERE/out}"
 
 smoke=0
+soak=0
 install=0
 build=1
 nice_level=0
@@ -35,7 +39,8 @@ while [ $# -gt 0 ]; do
         --install-deps) install=1 ;;
         --no-build) build=0 ;;
         --nice) shift; nice_level="${1:?--nice needs a value}" ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --soak) soak=1 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --) shift; extra+=("$@"); break ;;
         *) echo "bench/run.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
     esac
@@ -44,6 +49,10 @@ done
 
 started=$(date +%s)
 say() { echo "bench: $*" >&2; }
+if [ "$smoke" = 1 ] && [ "$soak" = 1 ]; then
+    say "--smoke and --soak exclude each other"
+    exit 64
+fi
 
 # --- What the suite needs -------------------------------------------------------------------
 # tool -> Debian package
@@ -139,6 +148,17 @@ stop_leftovers() {
 stop_leftovers
 trap stop_leftovers EXIT
 cd "$ROOT"
+if [ "$soak" = 1 ]; then
+    # The soak's own servers record their pids in $OUT/soak/*.pid, which stop_leftovers covers.
+    mkdir -p "$OUT/soak"
+    say "soak (nice $nice_level): load average before $(cut -d' ' -f1-3 /proc/loadavg)"
+    BENCH_COMMIT="$commit" nice -n "$nice_level" "$harness" soak --mfa-gate "$gate" --out "$OUT/soak" \
+        "${extra[@]}" | tee "$OUT/soak/table.md"
+    ended=$(date +%s)
+    say "load average after $(cut -d' ' -f1-3 /proc/loadavg)"
+    say "soak done in $((ended - started)) s (builds $((build_end - build_start)) s); report in $OUT/soak/soak.md"
+    exit 0
+fi
 say "measuring (nice $nice_level)"
 BENCH_COMMIT="$commit" BENCH_NICE="$nice_level" nice -n "$nice_level" "$harness" run --mfa-gate "$gate" --out "$OUT" --modes "$modes" \
     "${args[@]}" "${extra[@]}"

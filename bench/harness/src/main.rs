@@ -2,11 +2,14 @@
 //!
 //! * `run` — every row, pinned and unpinned, interleaved; writes the tables.
 //! * `cache-scale --entries N` — RSS of a `TokenCache` holding N distinct tokens (one JSON line).
+//! * `soak` — ten minutes of mixed traffic across 100,000 tokens, one row per minute (RSS, open
+//!   fds, latency), and whether the tail is flat (`bash bench/run.sh --soak`; not in CI).
 
 mod load;
 mod procs;
 mod run;
 mod scale;
+mod soak;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,6 +70,36 @@ enum Command {
         #[arg(long)]
         entries: u64,
     },
+    /// Soak: mixed traffic at a fixed rate, one row per minute, then a verdict on the tail.
+    Soak {
+        /// The release binary under test.
+        #[arg(long)]
+        mfa_gate: PathBuf,
+        /// Where the config, the logs and soak.md go.
+        #[arg(long, default_value = "bench/out/soak")]
+        out: PathBuf,
+        /// Minutes measured (at least 7: the verdict compares the last 3 with N-6..N-4).
+        #[arg(long, default_value_t = 10)]
+        minutes: usize,
+        /// Seconds per "minute" (60; shorter only to try the harness out).
+        #[arg(long, default_value_t = 60)]
+        minute_seconds: u64,
+        /// Requests per second in total (open loop).
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Distinct tokens in the pool (60% MFA users, 20% users without MFA, 20% unknown).
+        #[arg(long, default_value_t = 100_000)]
+        tokens: usize,
+        #[arg(long, default_value_t = 256)]
+        token_bytes: usize,
+        /// Latency of every IAM simulator answer, in ms.
+        #[arg(long, default_value_t = 10)]
+        iam_latency_ms: u64,
+        #[arg(long, default_value = "warn")]
+        gate_log_level: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,5 +150,28 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(run::run(args))
         }
         Command::CacheScale { entries } => runtime.block_on(scale::run(entries)),
+        Command::Soak {
+            mfa_gate,
+            out,
+            minutes,
+            minute_seconds,
+            rate,
+            connections,
+            tokens,
+            token_bytes,
+            iam_latency_ms,
+            gate_log_level,
+        } => runtime.block_on(soak::run(soak::SoakArgs {
+            mfa_gate,
+            out,
+            minutes,
+            minute: Duration::from_secs(minute_seconds.max(1)),
+            rate: rate.max(1.0),
+            connections: connections.max(1),
+            tokens: tokens.max(10),
+            token_bytes: token_bytes.max(40),
+            iam_latency: Duration::from_millis(iam_latency_ms.max(1)),
+            gate_log_level,
+        })),
     }
 }

@@ -178,7 +178,7 @@ impl Servers {
     }
 }
 
-fn nginx_common(prefix: &Path, workers: usize) -> String {
+pub(crate) fn nginx_common(prefix: &Path, workers: usize) -> String {
     let p = prefix.display();
     format!(
         "worker_processes {workers};\n\
@@ -189,7 +189,7 @@ fn nginx_common(prefix: &Path, workers: usize) -> String {
     )
 }
 
-fn nginx_http_common(prefix: &Path) -> String {
+pub(crate) fn nginx_http_common(prefix: &Path) -> String {
     let p = prefix.display();
     format!(
         "    access_log off;\n\
@@ -204,7 +204,12 @@ fn nginx_http_common(prefix: &Path) -> String {
     )
 }
 
-async fn nginx(name: &str, dir: &Path, conf: String, cpus: Cpus) -> anyhow::Result<Server> {
+pub(crate) async fn nginx(
+    name: &str,
+    dir: &Path,
+    conf: String,
+    cpus: Cpus,
+) -> anyhow::Result<Server> {
     let prefix = dir.join(name);
     std::fs::create_dir_all(&prefix)?;
     let conf_path = prefix.join("nginx.conf");
@@ -264,7 +269,7 @@ async fn gateway(
 }
 
 /// A token of `bytes` bytes (at least the unique part), visible ASCII.
-fn make_token(prefix: &str, n: u64, bytes: usize) -> String {
+pub(crate) fn make_token(prefix: &str, n: u64, bytes: usize) -> String {
     let mut token = format!("{prefix}-{n:012x}-");
     while token.len() < bytes {
         token.push('x');
