@@ -6,6 +6,7 @@
 
 pub mod headers;
 pub mod path;
+pub mod pool;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,15 +19,13 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::auth::token::{Token, X_AUTH_TOKEN};
 use crate::config::{TokenConfig, UpstreamConfig};
@@ -66,11 +65,11 @@ pub struct Principal {
     pub(crate) mfa: HeaderValue,
 }
 
-/// The shared upstream client and where it points.
+/// The shared upstream connection pool and where it points.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Incoming>,
-    scheme: Scheme,
-    authority: Authority,
+    pool: pool::Pool,
+    /// `Host` for a request that came without one (HTTP/1.0).
+    authority_host: HeaderValue,
     timeout: Duration,
     forward_token: bool,
     /// Signs `X-Auth-Assertion` when `[identity.assertion]` is configured.
@@ -97,17 +96,19 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let authority = config
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("upstream.url has no host"))?;
+        let origin = Uri::builder()
+            .scheme(config.url.scheme().cloned().unwrap_or(Scheme::HTTP))
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
         Ok(Upstream {
-            client,
-            scheme: config.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: config
-                .url
-                .authority()
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("upstream.url has no host"))?,
+            pool: pool::Pool::new(connector, origin, UPSTREAM_IDLE_TIMEOUT),
+            authority_host: HeaderValue::from_str(authority.as_str())?,
             timeout: config.timeout,
             forward_token: token.forward,
             assertion,
@@ -115,7 +116,7 @@ impl Upstream {
         })
     }
 
-    /// The upstream's URI for the normalised `path` and the client's query. When normalising
+    /// The upstream request's target for the normalised `path` and the client's query. When normalising
     /// changed nothing (the common case), the client's path-and-query is reused as it is
     /// (already validated by hyper, shared rather than copied); else one string is built.
     fn target(&self, path: &str, original: &Uri) -> Result<Uri, GatewayError> {
@@ -133,12 +134,8 @@ impl Upstream {
                 None => PathAndQuery::try_from(path).map_err(unusable)?,
             },
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts)
-            .map_err(|_| GatewayError::bad_request("request target cannot be forwarded"))
+        // Origin-form (`/path?query`): what an HTTP/1.1 request to an origin server carries.
+        Ok(Uri::from(path_and_query))
     }
 
     /// Rewrites the client's request into the upstream's.
@@ -150,12 +147,19 @@ impl Upstream {
         websocket: bool,
     ) -> Result<Request<Incoming>, GatewayError> {
         let uri = self.target(&info.path, request.uri())?;
-        let host = request.headers().get(HOST).cloned().or_else(|| {
-            request
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The client's `Host` (or absolute-form authority) is kept: the app may serve several
+        // names. A request without either (HTTP/1.0) names the upstream.
+        let host = request
+            .headers()
+            .get(HOST)
+            .cloned()
+            .or_else(|| {
+                request
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .unwrap_or_else(|| self.authority_host.clone());
         let headers = request.headers_mut();
         // Room for the headers added below, so that the map grows once at most.
         headers.reserve(12);
@@ -166,10 +170,8 @@ impl Upstream {
             headers.remove(X_AUTH_TOKEN);
             headers.remove(http::header::AUTHORIZATION);
         }
-        if let Some(host) = host {
-            headers.insert(HOST, host.clone());
-            headers.insert(headers::X_FORWARDED_HOST, host);
-        }
+        headers.insert(HOST, host.clone());
+        headers.insert(headers::X_FORWARDED_HOST, host);
         headers.insert(
             headers::X_FORWARDED_FOR,
             headers::forwarded_for(previous_xff.as_ref(), &info.peer_ip),
@@ -215,7 +217,7 @@ impl Upstream {
         let outgoing = self.prepare(request, info, principal, websocket)?;
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(outgoing)).await;
+        let result = tokio::time::timeout(self.timeout, self.pool.send(outgoing)).await;
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
@@ -246,6 +248,10 @@ impl Upstream {
         self.metrics.upstream_responses_by_class[class].inc();
     }
 }
+
+/// How long an upstream connection may sit idle in the pool before it is closed (nginx
+/// closes its side after 75 s by default; hyper-util's client used 90 s).
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `error` and `timeout` in [`crate::metrics::UPSTREAM_CLASSES`].
 const CLASS_ERROR: usize = 5;

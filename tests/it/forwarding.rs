@@ -499,3 +499,143 @@ async fn requests_the_http_parser_refuses_are_still_counted() {
     );
     assert_eq!(h.upstream.request_count(), 0);
 }
+
+// Upstream connections (the pool of `src/proxy/pool.rs`).
+
+#[tokio::test]
+async fn one_upstream_connection_serves_requests_in_sequence_whatever_their_bodies() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    for round in 0..10 {
+        let small = h.get("/small", &[("x-auth-token", &token)]).await;
+        assert_eq!(small.status, StatusCode::OK, "round {round}");
+        let streamed = h
+            .get(
+                "/big",
+                &[("x-auth-token", &token), ("x-echo-size", "300000")],
+            )
+            .await;
+        assert_eq!(streamed.status, StatusCode::OK, "round {round}");
+        assert_eq!(streamed.body.len(), 300_000);
+        let empty = h
+            .get(
+                "/empty",
+                &[("x-auth-token", &token), ("x-echo-status", "204")],
+            )
+            .await;
+        assert_eq!(empty.status, StatusCode::NO_CONTENT, "round {round}");
+    }
+    assert_eq!(h.upstream.request_count(), 30);
+    assert_eq!(
+        h.upstream.connections_accepted(),
+        1,
+        "every request after the first reuses the pooled connection"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_says_connection_close_gets_a_new_connection_each_time() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    for round in 0..5 {
+        let answer = h
+            .get(
+                "/",
+                &[
+                    ("x-auth-token", &token),
+                    ("x-echo-header", "connection=close"),
+                ],
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "round {round}");
+        assert!(
+            !answer.headers.contains_key("connection"),
+            "hop-by-hop answer header forwarded"
+        );
+    }
+    assert_eq!(h.upstream.connections_accepted(), 5);
+}
+
+/// An upstream that answers one request per connection and then closes it without saying so
+/// (as a keep-alive timeout does); counts the connections it accepted.
+async fn closing_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Closed right after the answer, with no `Connection: close`.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closed_while_idle_cost_no_request() {
+    let (addr, accepted) = closing_upstream().await;
+    let h = Harness::with_upstream("", &format!("http://{addr}")).await;
+    let token = h.token("alice");
+    for round in 0..10 {
+        let answer = h.get("/", &[("x-auth-token", &token)]).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "round {round}: {}",
+            answer.text()
+        );
+        assert_eq!(answer.text(), "ok");
+        // Some rounds find the closed connection still in the pool; others after a pause.
+        if round % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    assert_eq!(
+        h.metric("mfa_gate_upstream_responses_total{class=\"error\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_body_leaves_the_pool_usable() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    let mut client = TcpStream::connect(h.addr()).await.unwrap();
+    let request = format!(
+        "GET /huge HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\nX-Echo-Size: 67108864\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    let n = client.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    drop(client);
+
+    for round in 0..3 {
+        let answer = h.get("/after", &[("x-auth-token", &token)]).await;
+        assert_eq!(answer.status, StatusCode::OK, "round {round}");
+    }
+    assert_eq!(
+        h.upstream.connections_accepted(),
+        2,
+        "the abandoned connection is not reused; the next one is"
+    );
+}
