@@ -158,17 +158,20 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
     Ok(())
 }
 
-/// tokio's multi-thread scheduler with `TOKIO_WORKER_THREADS` workers (default: one per CPU);
-/// with exactly one worker asked for, the current-thread scheduler, which does the same job on
-/// the main thread without the hand-offs between threads.
+/// `TOKIO_WORKER_THREADS` workers (default: one per CPU) serve the client connections, each
+/// a current-thread runtime of its own ([`mfa_gate::server::workers`]); the main thread's
+/// current-thread runtime accepts connections and runs the admin listener and background
+/// tasks. With one worker, the main runtime serves the connections too.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let one_worker = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|n| n.trim() == "1");
-    let mut builder = if one_worker {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    builder.enable_all().build()
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    mfa_gate::server::workers::start(workers)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {

@@ -2,6 +2,7 @@
 //! hyper-util's auto builder, connection limits, graceful drain.
 
 pub mod framing;
+pub mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,7 +143,7 @@ pub async fn serve(
                     .into_owned();
                 let conn = watcher.watch(conn);
                 let metrics = settings.metrics.clone();
-                tokio::spawn(async move {
+                workers::spawn_connection(async move {
                     if let Err(err) = conn.await {
                         connection_error(&*err, &metrics, peer);
                     }
@@ -152,7 +153,7 @@ pub async fn serve(
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
                 let handshake_timeout = settings.header_read_timeout;
                 let metrics = settings.metrics.clone();
-                tokio::spawn(async move {
+                workers::spawn_connection(async move {
                     let stream = match tokio::time::timeout(
                         handshake_timeout,
                         acceptor.accept(stream),

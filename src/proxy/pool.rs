@@ -26,6 +26,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
+use crate::server::workers;
+
 /// How many times a request that a reused connection refused is tried on another one before
 /// the pool opens a new connection for it.
 const REUSE_ATTEMPTS: usize = 4;
@@ -41,8 +43,10 @@ struct Inner {
     /// Scheme and authority of the upstream: what the connector dials.
     origin: Uri,
     idle_timeout: Duration,
-    /// Oldest at the front, most recently used at the back.
-    idle: Mutex<VecDeque<Idle>>,
+    /// One stack per worker lane ([`crate::server::workers`]): a connection's task runs on
+    /// the worker that opened it, so it is lent only to requests on that worker. Oldest at
+    /// the front, most recently used at the back.
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
 }
 
 /// Connections to the upstream. Cheap to clone.
@@ -68,7 +72,9 @@ impl Pool {
             connector,
             origin,
             idle_timeout,
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..workers::lanes())
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
         }))
     }
 
@@ -102,7 +108,7 @@ impl Pool {
     /// The most recently used idle connection that can take a request, if any.
     async fn take_idle(&self) -> Option<SendRequest<Incoming>> {
         loop {
-            let idle = self.0.idle.lock().expect("pool lock").pop_back()?;
+            let idle = self.lane().lock().expect("pool lock").pop_back()?;
             if idle.sender.is_closed() || idle.since.elapsed() > self.0.idle_timeout {
                 continue;
             }
@@ -159,9 +165,14 @@ impl Pool {
         response.map(|inner| PooledBody { inner, lease })
     }
 
+    /// The idle connections of the calling thread's worker.
+    fn lane(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.0.idle[workers::lane() % self.0.idle.len()]
+    }
+
     fn put(&self, sender: SendRequest<Incoming>) {
         let now = Instant::now();
-        let mut idle = self.0.idle.lock().expect("pool lock");
+        let mut idle = self.lane().lock().expect("pool lock");
         // The oldest are at the front: drop those that have waited too long.
         while idle
             .front()

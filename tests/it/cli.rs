@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use mfa_gate::dev::iam_sim::{self, Api, Fault, IamSim};
 use mfa_gate::dev::upstream::DemoUpstream;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::support::{config_text, send, LOOPBACK};
@@ -91,6 +92,13 @@ pub struct Process {
 
 impl Process {
     pub async fn start(config: &std::path::Path) -> (Process, String, String) {
+        Process::start_with_env(config, &[]).await
+    }
+
+    pub async fn start_with_env(
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> (Process, String, String) {
         let mut child = Command::new(BIN)
             .args([
                 "--log-format",
@@ -101,6 +109,7 @@ impl Process {
                 "--config",
             ])
             .arg(config)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -288,6 +297,67 @@ async fn sigterm_drains_requests_in_flight() {
         assert_eq!(request.await.unwrap().status, StatusCode::OK);
     }
     assert_eq!(upstream.request_count(), 4);
+}
+
+#[tokio::test]
+async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connections() {
+    let users = iam_sim::demo_users(Duration::from_secs(3600));
+    let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
+    let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), ""));
+    let (process, listen, _) =
+        Process::start_with_env(&config, &[("TOKIO_WORKER_THREADS", "3")]).await;
+
+    let pid = process.child.id().unwrap();
+    let mut workers: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("mfa-worker-"))
+        .collect();
+    workers.sort();
+    assert_eq!(workers, ["mfa-worker-0", "mfa-worker-1", "mfa-worker-2"]);
+
+    // Six keep-alive client connections, used one request at a time: dealt in turn, two per
+    // worker; each worker opens one upstream connection and reuses it.
+    let token = users[0].token.clone();
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(TcpStream::connect(&listen).await.unwrap());
+    }
+    for round in 0..4 {
+        for (n, client) in clients.iter_mut().enumerate() {
+            let request =
+                format!("GET /w/{round}/{n} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
+            client.write_all(request.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                client.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .expect("a sized answer")
+                .trim()
+                .parse()
+                .unwrap();
+            let mut body = vec![0u8; length];
+            client.read_exact(&mut body).await.unwrap();
+        }
+    }
+    assert_eq!(upstream.request_count(), 24);
+    assert_eq!(
+        upstream.connections_accepted(),
+        3,
+        "one upstream connection per worker"
+    );
+    let (code, _) = process.terminate().await;
+    assert_eq!(code, Some(0));
 }
 
 #[tokio::test]

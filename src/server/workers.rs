@@ -1,0 +1,85 @@
+//! Where client connections run: one current-thread tokio runtime per worker thread, each
+//! with its own I/O driver and timers, the accepted connections dealt to them in turn.
+//!
+//! Measured against tokio's multi-thread scheduler with as many workers (bench/README.md):
+//! a connection, the upstream connections it borrows and the tasks it spawns stay on one
+//! thread, so an answer wakes no other thread (no futex, no work stealing, no cross-core cache
+//! traffic), as nginx's worker processes do. The price is that a busy connection cannot move to
+//! an idle worker; with keep-alive clients spread evenly that does not arise.
+//!
+//! The workers are set up once per process ([`start`], from `main`); without them (tests,
+//! `mfa-gate dev`, one worker asked for) connections run on the runtime that accepted them.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use tokio::runtime::Handle;
+
+/// The worker runtimes of this process, once started.
+static WORKERS: OnceLock<Workers> = OnceLock::new();
+
+thread_local! {
+    /// 1 + the index of the worker this thread is; 0 on any other thread.
+    static LANE: Cell<usize> = const { Cell::new(0) };
+}
+
+struct Workers {
+    handles: Vec<Handle>,
+    /// Round-robin position of the next connection.
+    next: AtomicUsize,
+}
+
+/// Starts `count` worker threads, each running a current-thread runtime until the process
+/// exits. Does nothing for fewer than two: one worker is the main runtime itself.
+pub fn start(count: usize) -> std::io::Result<()> {
+    if count < 2 || WORKERS.get().is_some() {
+        return Ok(());
+    }
+    let mut handles = Vec::with_capacity(count);
+    for index in 0..count {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("mfa-worker-{index}"))
+            .spawn(move || {
+                LANE.with(|lane| lane.set(index + 1));
+                runtime.block_on(std::future::pending::<()>());
+            })?;
+    }
+    let _ = WORKERS.set(Workers {
+        handles,
+        next: AtomicUsize::new(0),
+    });
+    Ok(())
+}
+
+/// Runs a connection's future on the next worker, or on the current runtime when there are
+/// no workers.
+pub fn spawn_connection<F>(connection: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match WORKERS.get() {
+        Some(workers) => {
+            let next = workers.next.fetch_add(1, Ordering::Relaxed) % workers.handles.len();
+            workers.handles[next].spawn(connection);
+        }
+        None => {
+            tokio::spawn(connection);
+        }
+    }
+}
+
+/// How many lanes per-thread state needs: one per worker plus one for every other thread.
+pub fn lanes() -> usize {
+    WORKERS.get().map_or(0, |workers| workers.handles.len()) + 1
+}
+
+/// The lane of the calling thread (see [`lanes`]).
+pub fn lane() -> usize {
+    LANE.with(Cell::get)
+}
