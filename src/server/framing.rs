@@ -73,9 +73,7 @@ struct HeadFacts {
 /// head anyway (a non-ASCII `Content-Length` or `Transfer-Encoding` is a 400).
 fn parse_head(head: &[u8]) -> Option<HeadFacts> {
     // hyper (httparse) accepts a bare LF as a line end, so lines are split on LF.
-    let mut lines = head
-        .split(|b| *b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+    let mut lines = lines(head).map(|line| line.strip_suffix(b"\r").unwrap_or(line));
     let request_line = lines.next()?;
     // Only the exact HTTP/2 preface switches hyper to HTTP/2; a `PRI / HTTP/1.1` request is
     // an ordinary HTTP/1.1 request and must be followed like any other.
@@ -110,6 +108,22 @@ fn parse_head(head: &[u8]) -> Option<HeadFacts> {
         chunked,
         content_length,
     })
+}
+
+/// The LF-separated lines of `bytes` (LF excluded; the part after the last LF included), as
+/// `split(|b| *b == b'\n')` would give them. The LFs are found with SIMD (`memchr`): a head
+/// carries an IAM token of several KiB, and every request's head passes through here.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', bytes)
+        .map(Some)
+        .chain(std::iter::once(None))
+        .map(move |end| {
+            let end = end.unwrap_or(bytes.len());
+            let line = &bytes[start..end];
+            start = end + 1;
+            line
+        })
 }
 
 /// The ASCII characters `char::is_whitespace` (and so `str::trim`) treats as whitespace.
@@ -298,15 +312,10 @@ impl FramingObserver {
 /// Where a head ends (just past its empty line): LF, optional CR, LF — the line ends hyper's
 /// parser accepts (CRLF CRLF, LF LF, and mixtures).
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().enumerate().find_map(|(i, b)| {
-        if *b != b'\n' {
-            return None;
-        }
-        match bytes.get(i + 1) {
-            Some(b'\n') => Some(i + 2),
-            Some(b'\r') if bytes.get(i + 2) == Some(&b'\n') => Some(i + 3),
-            _ => None,
-        }
+    memchr::memchr_iter(b'\n', bytes).find_map(|i| match bytes.get(i + 1) {
+        Some(b'\n') => Some(i + 2),
+        Some(b'\r') if bytes.get(i + 2) == Some(&b'\n') => Some(i + 3),
+        _ => None,
     })
 }
 
@@ -372,6 +381,26 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Observed<IO> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn lines_split_as_slice_split_does(bytes in proptest::collection::vec(
+            prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a'), any::<u8>()], 0..64)) {
+            let expected: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+            prop_assert_eq!(lines(&bytes).collect::<Vec<_>>(), expected);
+        }
+
+        #[test]
+        fn head_end_finds_the_first_blank_line(bytes in proptest::collection::vec(
+            prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a')], 0..32)) {
+            let slow = (0..bytes.len()).find_map(|i| match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+                (b'\n', Some(b'\n'), _) => Some(i + 2),
+                (b'\n', Some(b'\r'), Some(b'\n')) => Some(i + 3),
+                _ => None,
+            });
+            prop_assert_eq!(head_end(&bytes), slow);
+        }
+    }
 
     fn verdicts_for(stream: &[u8], split: &[usize]) -> Vec<bool> {
         let verdicts = FramingVerdicts::default();
