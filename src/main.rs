@@ -162,16 +162,35 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
 /// a current-thread runtime of its own ([`mfa_gate::server::workers`]); the main thread's
 /// current-thread runtime accepts connections and runs the admin listener and background
 /// tasks. With one worker, the main runtime serves the connections too.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+///
+/// `MFA_GATE_RUNTIME=multi-thread` puts everything on tokio's work-stealing scheduler with as
+/// many workers instead: it costs more CPU per request (bench/README.md), but spreads the
+/// streams of a single HTTP/2 client connection over all workers, where the default keeps a
+/// connection on one.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|n| n.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    mfa_gate::server::workers::start(workers)?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let flavour = std::env::var("MFA_GATE_RUNTIME").unwrap_or_default();
+    let built = match flavour.as_str() {
+        "" | "per-worker" => mfa_gate::server::workers::start(workers).and_then(|()| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }),
+        "multi-thread" => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build(),
+        other => {
+            return Err(format!(
+                "MFA_GATE_RUNTIME: unknown value {other:?} (per-worker or multi-thread)"
+            ))
+        }
+    };
+    built.map_err(|err| format!("cannot start the runtime: {err}"))
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -212,7 +231,7 @@ fn main() -> ExitCode {
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("mfa-gate: cannot start the runtime: {err}");
+            eprintln!("mfa-gate: {err}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };

@@ -1,6 +1,6 @@
 //! The benchmark run: starts the servers of every row, measures them interleaved
-//! (round 1: rows 1 2 3 4 5, round 2: rows 1 2 3 4 5, …), pinned and unpinned, and writes the
-//! tables.
+//! (round 1: rows 1 2 3 4 5 6, round 2: rows 1 2 3 4 5 6, …), pinned and unpinned, and writes
+//! the tables.
 //!
 //! Rows (the same tiny upstream everywhere: nginx, one worker, `return 200 "ok"`):
 //! 1. directly (the ceiling);
@@ -8,7 +8,11 @@
 //! 3. through mfa-gate, warm cache;
 //! 4. through nginx `auth_request` → mfa-gate's `/.mfa-gate/auth`;
 //! 5. through mfa-gate, a fresh token per request, the IAM simulator answering after a fixed
-//!    latency (the cold path).
+//!    latency (the cold path);
+//! 6. row 3 with `MFA_GATE_RUNTIME=multi-thread`: the runtime flavour, measured.
+
+// Results are kept per row in parallel vectors, indexed by row.
+#![allow(clippy::needless_range_loop)]
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -62,13 +66,20 @@ impl Mode {
     }
 }
 
-const ROWS: [&str; 5] = [
+/// The rows. Row 6 is row 3's gateway with `MFA_GATE_RUNTIME=multi-thread`: the runtime
+/// flavour (one current-thread runtime per worker, the default, against tokio's work-stealing
+/// scheduler) measured side by side.
+const ROWS: [&str; 6] = [
     "1. direct (ceiling)",
     "2. nginx proxy_pass",
     "3. mfa-gate, warm cache",
     "4. nginx auth_request → mfa-gate",
     "5. mfa-gate, cold (fresh token, IAM latency)",
+    "6. row 3 on tokio's multi-thread scheduler",
 ];
+
+/// Row 5, the cold path: fresh tokens from the harness's own load loop.
+const COLD: usize = 4;
 
 /// One closed-loop measurement of one row.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +151,8 @@ struct Servers {
     gate_auth: Server,
     gate_cold: Server,
     gate_cold_addr: SocketAddr,
+    gate_mt: Server,
+    gate_mt_addr: SocketAddr,
 }
 
 impl Servers {
@@ -150,7 +163,8 @@ impl Servers {
             1 => vec![&self.nginx_proxy],
             2 => vec![&self.gate_warm],
             3 => vec![&self.nginx_auth, &self.gate_auth],
-            _ => vec![&self.gate_cold],
+            COLD => vec![&self.gate_cold],
+            _ => vec![&self.gate_mt],
         }
     }
 
@@ -160,7 +174,8 @@ impl Servers {
             1 => self.nginx_proxy_addr,
             2 => self.gate_warm_addr,
             3 => self.nginx_auth_addr,
-            _ => self.gate_cold_addr,
+            COLD => self.gate_cold_addr,
+            _ => self.gate_mt_addr,
         }
     }
 
@@ -171,6 +186,7 @@ impl Servers {
             self.gate_warm,
             self.gate_auth,
             self.gate_cold,
+            self.gate_mt,
             self.upstream,
         ] {
             server.stop().await;
@@ -230,6 +246,7 @@ pub(crate) async fn nginx(
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn gateway(
     args: &RunArgs,
     name: &str,
@@ -239,6 +256,7 @@ async fn gateway(
     listen: SocketAddr,
     upstream: SocketAddr,
     iam: &str,
+    runtime: &str,
 ) -> anyhow::Result<Server> {
     let admin = loopback(procs::free_port()?);
     let conf = format!(
@@ -258,7 +276,8 @@ async fn gateway(
         .arg("run")
         .arg("--config")
         .arg(&conf_path)
-        .env("TOKIO_WORKER_THREADS", workers.to_string());
+        .env("TOKIO_WORKER_THREADS", workers.to_string())
+        .env("MFA_GATE_RUNTIME", runtime);
     Server::spawn(
         name,
         cmd,
@@ -412,6 +431,7 @@ async fn run_mode(args: &RunArgs, mode: Mode) -> anyhow::Result<ModeResult> {
     let nginx_auth_addr = loopback(procs::free_port()?);
     let gate_auth_addr = loopback(procs::free_port()?);
     let gate_cold_addr = loopback(procs::free_port()?);
+    let gate_mt_addr = loopback(procs::free_port()?);
 
     let upstream_conf = format!(
         "{}http {{\n{}    server {{\n        listen {upstream_addr} backlog=4096;\n        \
@@ -469,6 +489,7 @@ async fn run_mode(args: &RunArgs, mode: Mode) -> anyhow::Result<ModeResult> {
         gate_warm_addr,
         upstream_addr,
         &iam,
+        "per-worker",
     )
     .await?;
     let gate_auth = gateway(
@@ -480,6 +501,7 @@ async fn run_mode(args: &RunArgs, mode: Mode) -> anyhow::Result<ModeResult> {
         gate_auth_addr,
         upstream_addr,
         &iam,
+        "per-worker",
     )
     .await?;
     let gate_cold = gateway(
@@ -491,6 +513,20 @@ async fn run_mode(args: &RunArgs, mode: Mode) -> anyhow::Result<ModeResult> {
         gate_cold_addr,
         upstream_addr,
         &iam,
+        "per-worker",
+    )
+    .await?;
+
+    let gate_mt = gateway(
+        args,
+        "mfa-gate-multi-thread",
+        &dir,
+        proxy_cpus,
+        workers,
+        gate_mt_addr,
+        upstream_addr,
+        &iam,
+        "multi-thread",
     )
     .await?;
 
@@ -506,6 +542,8 @@ async fn run_mode(args: &RunArgs, mode: Mode) -> anyhow::Result<ModeResult> {
         gate_auth,
         gate_cold,
         gate_cold_addr,
+        gate_mt,
+        gate_mt_addr,
     };
     let result = measure_mode(args, mode, workers, &servers, &sim, &warm_token, load_cpus).await;
     servers.stop().await;
@@ -529,15 +567,16 @@ async fn measure_mode(
         ("nginx auth_request", s.nginx_auth_addr),
         ("mfa-gate (warm)", s.gate_warm_addr),
         ("mfa-gate (cold)", s.gate_cold_addr),
+        ("mfa-gate (multi-thread)", s.gate_mt_addr),
     ] {
         procs::wait_listening(addr, what).await?;
     }
     // Every row must answer 200 before anything is measured (this also warms rows 3 and 4).
     let mint = minter(sim, args.token_bytes);
-    for row in 0..5 {
+    for row in 0..ROWS.len() {
         let token = match row {
             0 | 1 => None,
-            4 => Some(mint()),
+            COLD => Some(mint()),
             _ => Some(warm_token.to_string()),
         };
         let headers: Vec<(&str, &str)> =
@@ -560,25 +599,25 @@ async fn measure_mode(
         path: "/".to_string(),
         tokens: match row {
             0 | 1 => TokenSource::None,
-            2 | 3 => TokenSource::Fixed(fixed.clone()),
-            _ => TokenSource::Fresh(mint.clone()),
+            COLD => TokenSource::Fresh(mint.clone()),
+            _ => TokenSource::Fixed(fixed.clone()),
         },
     };
     let wrk_token = |row: usize| match row {
-        2 | 3 => Some(warm_token),
-        _ => None,
+        0 | 1 | COLD => None,
+        _ => Some(warm_token),
     };
 
     let mut result = ModeResult {
         workers,
-        closed: vec![Vec::new(); 5],
-        open: vec![Vec::new(); 5],
+        closed: vec![Vec::new(); ROWS.len()],
+        open: vec![Vec::new(); ROWS.len()],
         ..ModeResult::default()
     };
 
     eprintln!("   warm-up ({}s per row)", args.warmup.as_secs_f64());
-    for row in 0..5 {
-        if row == 4 {
+    for row in 0..ROWS.len() {
+        if row == COLD {
             load::closed(&target(row), args.connections, args.warmup, false).await;
         } else {
             procs::wrk(
@@ -593,12 +632,12 @@ async fn measure_mode(
     }
 
     for round in 0..args.rounds {
-        for row in 0..5 {
+        for row in 0..ROWS.len() {
             let proxies = s.proxies(row);
             let cpu0: f64 = proxies.iter().map(|p| p.cpu_seconds()).sum();
             let stub0 = procs::stub_status(s.upstream_addr).await?;
             let window = Instant::now();
-            let (requests, rate, errors) = if row == 4 {
+            let (requests, rate, errors) = if row == COLD {
                 let out = load::closed(&target(row), args.connections, args.duration, false).await;
                 (out.completed(), out.rate(), out.errors + out.non_2xx)
             } else {
@@ -641,11 +680,11 @@ async fn measure_mode(
     let median_rate =
         |row: usize| stats(result.closed[row].iter().map(|c| c.rate)).map_or(0.0, |(m, _, _)| m);
     result.open_rate = (median_rate(1) * 0.5).max(100.0);
-    result.cold_open_rate = result.open_rate.min(median_rate(4) * 0.5).max(10.0);
+    result.cold_open_rate = result.open_rate.min(median_rate(COLD) * 0.5).max(10.0);
 
     for round in 0..args.rounds {
-        for row in 0..5 {
-            let rate = if row == 4 {
+        for row in 0..ROWS.len() {
+            let rate = if row == COLD {
                 result.cold_open_rate
             } else {
                 result.open_rate
@@ -681,7 +720,7 @@ async fn measure_mode(
         }
     }
 
-    result.peak_rss_mib = (0..5)
+    result.peak_rss_mib = (0..ROWS.len())
         .map(|row| {
             let proxies = s.proxies(row);
             (!proxies.is_empty())
@@ -922,7 +961,7 @@ fn report(
         };
         let _ = writeln!(
             o,
-            "Closed loop (rows 1–4: `wrk -t1 -c{c}`; row 5: the harness's own closed loop, {c} connections, a fresh token per request). Median (min–max) over {n} rounds.\n",
+            "Closed loop (rows 1–4 and 6: `wrk -t1 -c{c}`; row 5: the harness's own closed loop, {c} connections, a fresh token per request). Row 6 is row 3's gateway with `MFA_GATE_RUNTIME=multi-thread` (tokio's work-stealing scheduler) instead of one current-thread runtime per worker: the runtime flavour, measured. Median (min–max) over {n} rounds.\n",
             c = args.connections,
             n = args.rounds
         );
@@ -930,7 +969,7 @@ fn report(
         let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
         let rate = |row| med(row, &|c: &Closed| Some(c.rate));
         let cpu = |row| med(row, &|c: &Closed| c.cpu_per_10k);
-        for row in 0..5 {
+        for row in 0..ROWS.len() {
             let closed = &r.closed[row];
             let _ = writeln!(
                 o,
@@ -952,7 +991,7 @@ fn report(
             Mode::Pinned => 1.0,
             Mode::Unpinned => online_cpus() as f64,
         };
-        let idle: Vec<String> = (1..5)
+        let idle: Vec<String> = (1..ROWS.len())
             .filter(|&row| {
                 med(row, &|c: &Closed| c.cores_busy).is_some_and(|busy| busy < 0.9 * allowed)
             })
@@ -989,7 +1028,7 @@ fn report(
         let omed = |row: usize, f: &dyn Fn(&Open) -> Option<f64>| {
             stats(r.open[row].iter().filter_map(f)).map(|s| s.0)
         };
-        for row in 0..5 {
+        for row in 0..ROWS.len() {
             let open = &r.open[row];
             let mut cells = vec![ROWS[row].to_string()];
             for f in [
@@ -1045,7 +1084,7 @@ fn report(
     let _ = writeln!(o, "| mode | row | closed req/s per round | closed CPU s/10k per round | open p99 ms per round |");
     let _ = writeln!(o, "|---|---|---|---|---|");
     for (mode, r) in results {
-        for row in 0..5 {
+        for row in 0..ROWS.len() {
             let join = |v: Vec<String>| v.join(", ");
             let _ = writeln!(
                 o,
