@@ -44,10 +44,13 @@ use crate::policy::Policy;
 type Key = [u8; 32];
 
 /// An in-flight IAM fetch that any number of requests can await.
-type Fetch = Shared<BoxFuture<'static, Result<Arc<Entry>, Arc<IamError>>>>;
+type Fetch = Shared<BoxFuture<'static, Result<Entry, Arc<IamError>>>>;
 
 /// What the IAM said about a token, and until when that may be used.
-#[derive(Debug)]
+///
+/// moka holds it by value (it clones it on every `get`: one reference count and three
+/// `Instant`s), which saves the cached token a heap block of its own.
+#[derive(Debug, Clone)]
 struct Entry {
     status: TokenStatus,
     /// Served as a hit until then.
@@ -62,15 +65,15 @@ struct Entry {
 /// moka evicts an entry once even its stale window is over.
 struct UntilStale;
 
-impl Expiry<Key, Arc<Entry>> for UntilStale {
-    fn expire_after_create(&self, _: &Key, entry: &Arc<Entry>, now: Instant) -> Option<Duration> {
+impl Expiry<Key, Entry> for UntilStale {
+    fn expire_after_create(&self, _: &Key, entry: &Entry, now: Instant) -> Option<Duration> {
         Some(entry.stale_until.saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
         _: &Key,
-        entry: &Arc<Entry>,
+        entry: &Entry,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -143,9 +146,9 @@ impl CacheResult {
 
 struct Inner {
     /// Valid tokens (with or without MFA).
-    valid: Cache<Key, Arc<Entry>>,
+    valid: Cache<Key, Entry>,
     /// Tokens the IAM called invalid.
-    invalid: Cache<Key, Arc<Entry>>,
+    invalid: Cache<Key, Entry>,
     inflight: Mutex<HashMap<Key, Fetch>>,
     /// Bumped by every purge. A fetch that started before a purge answers the requests
     /// waiting on it but is not cached (here or in the fleet): it may describe what the purge
@@ -404,7 +407,7 @@ impl TokenCache {
 impl Inner {
     /// A miss: the fleet's entry if another gateway has one (or is fetching it right now), else
     /// the IAM's answer, which is then shared.
-    async fn resolve(&self, key: Key, token: &Token) -> Result<Arc<Entry>, Arc<IamError>> {
+    async fn resolve(&self, key: Key, token: &Token) -> Result<Entry, Arc<IamError>> {
         let purges = self.purges.load(Ordering::Acquire);
         let policy = self.policy.load_full();
         let Some(shared) = &self.shared else {
@@ -472,7 +475,7 @@ impl Inner {
         token: &Token,
         policy: &Policy,
         purges: u64,
-    ) -> Result<Arc<Entry>, Arc<IamError>> {
+    ) -> Result<Entry, Arc<IamError>> {
         let provider = self.provider.load_full();
         match provider.lookup(token, policy.needs()).await {
             Ok(status) => Ok(self
@@ -488,8 +491,7 @@ impl Inner {
     }
 
     /// Caches `entry` unless a purge came while it was being fetched.
-    async fn insert(&self, key: Key, entry: Entry, purges: u64) -> Arc<Entry> {
-        let entry = Arc::new(entry);
+    async fn insert(&self, key: Key, entry: Entry, purges: u64) -> Entry {
         let cache = match entry.status {
             TokenStatus::Valid(_) => &self.valid,
             TokenStatus::Invalid => &self.invalid,
