@@ -385,7 +385,7 @@ impl TokenCache {
             .valid
             .iter()
             .filter(|(_, entry)| match &entry.status {
-                TokenStatus::Valid(facts) => facts.identity.user_id == user_id,
+                TokenStatus::Valid(facts) => facts.identity.user_id() == user_id,
                 TokenStatus::Invalid => false,
             })
             .map(|(key, _)| key)
