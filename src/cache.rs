@@ -18,6 +18,7 @@
 
 pub mod seal;
 pub mod shared;
+mod stamp;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,7 @@ use sha2::Sha256;
 
 use self::seal::FleetEntry;
 use self::shared::{FleetEvent, Lock, Read, SharedCache};
+use self::stamp::Stamp;
 use crate::auth::token::Token;
 use crate::config::CacheConfig;
 use crate::iam::{IamError, IamProvider, Needs, TokenStatus};
@@ -49,17 +51,18 @@ type Fetch = Shared<BoxFuture<'static, Result<Entry, Arc<IamError>>>>;
 /// What the IAM said about a token, and until when that may be used.
 ///
 /// moka holds it by value (it clones it on every `get`: one reference count and three
-/// `Instant`s), which saves the cached token a heap block of its own.
+/// stamps), which saves the cached token a heap block of its own; [`Stamp`]s rather than
+/// `Instant`s keep moka's block for it 24 bytes smaller.
 #[derive(Debug, Clone)]
 struct Entry {
     status: TokenStatus,
     /// Served as a hit until then.
-    fresh_until: Instant,
+    fresh_until: Stamp,
     /// Kept until then, served only while the IAM is failing.
-    stale_until: Instant,
+    stale_until: Stamp,
     /// When this gateway learnt it (from the IAM or the fleet): after a gap in the fleet's
     /// invalidation channel, older entries may describe a purged user.
-    learnt: Instant,
+    learnt: Stamp,
 }
 
 /// moka evicts an entry once even its stale window is over.
@@ -67,7 +70,7 @@ struct UntilStale;
 
 impl Expiry<Key, Entry> for UntilStale {
     fn expire_after_create(&self, _: &Key, entry: &Entry, now: Instant) -> Option<Duration> {
-        Some(entry.stale_until.saturating_duration_since(now))
+        Some(entry.stale_until.after(now))
     }
 
     fn expire_after_update(
@@ -77,7 +80,7 @@ impl Expiry<Key, Entry> for UntilStale {
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.stale_until.saturating_duration_since(now))
+        Some(entry.stale_until.after(now))
     }
 }
 
@@ -196,6 +199,8 @@ impl TokenCache {
             }
         };
         let invalid_capacity = (config.max_entries / 4).clamp(1, 100_000);
+        // Before any entry: see `Stamp`.
+        Stamp::init();
         TokenCache(Arc::new(Inner {
             valid: Cache::builder()
                 .max_capacity(config.max_entries)
@@ -239,14 +244,14 @@ impl TokenCache {
             None => self.0.invalid.get(&key).await,
         };
         if let Some(entry) = &cached {
-            if Instant::now() < entry.fresh_until {
+            if Stamp::now() < entry.fresh_until {
                 return Ok(self.counted(entry.status.clone(), CacheResult::Hit));
             }
         }
         match self.fetch(key, token).await {
             Ok(entry) => Ok(self.counted(entry.status.clone(), CacheResult::Miss)),
             Err(err) => match cached {
-                Some(entry) if Instant::now() < entry.stale_until => {
+                Some(entry) if Stamp::now() < entry.stale_until => {
                     tracing::warn!(cause = %err, "IAM failing; serving a stale cache entry");
                     Ok(self.counted(entry.status.clone(), CacheResult::Stale))
                 }
@@ -351,6 +356,7 @@ impl TokenCache {
     /// Drops every entry learnt before `instant`; answers how many.
     async fn purge_learnt_before(&self, instant: Instant) -> u64 {
         self.0.purges.fetch_add(1, Ordering::AcqRel);
+        let instant = Stamp::at(instant);
         let mut purged = 0;
         for cache in [&self.0.valid, &self.0.invalid] {
             let keys: Vec<Arc<Key>> = cache
@@ -440,7 +446,7 @@ impl Inner {
         };
         match self.ask_iam(key, token, &policy, purges).await {
             Ok(entry) => {
-                let lifetime = entry.fresh_until.saturating_duration_since(Instant::now());
+                let lifetime = entry.fresh_until.after(Instant::now());
                 let shared_entry = FleetEntry {
                     status: entry.status.clone(),
                     fresh_until: SystemTime::now() + lifetime,
@@ -521,9 +527,9 @@ impl Inner {
         };
         Entry {
             status: found.status,
-            fresh_until,
-            stale_until,
-            learnt: now,
+            fresh_until: Stamp::at(fresh_until),
+            stale_until: Stamp::at(stale_until),
+            learnt: Stamp::at(now),
         }
     }
 
@@ -553,9 +559,9 @@ impl Inner {
         let bounded = |d: Duration| limit.map_or(d, |limit| d.min(limit));
         Entry {
             status,
-            fresh_until: now + bounded(ttl),
-            stale_until: now + bounded(ttl + self.config.stale_if_error),
-            learnt: now,
+            fresh_until: Stamp::at(now + bounded(ttl)),
+            stale_until: Stamp::at(now + bounded(ttl + self.config.stale_if_error)),
+            learnt: Stamp::at(now),
         }
     }
 }
@@ -579,6 +585,12 @@ fn usable(found: &FleetEntry, needs: Needs) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// moka keeps an `Entry` in its own value block with 24 bytes of its own.
+    #[test]
+    fn an_entry_is_a_pointer_and_three_stamps() {
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
+    }
 
     #[test]
     fn each_lookup_result_counts_under_its_own_label() {
