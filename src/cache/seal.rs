@@ -333,7 +333,7 @@ mod tests {
         for login_protect in [None, Some(None)] {
             let mut entry = alice();
             if let TokenStatus::Valid(facts) = &mut entry.status {
-                std::sync::Arc::make_mut(facts).login_protect = login_protect.clone();
+                std::sync::Arc::make_mut(facts).login_protect = login_protect;
                 std::sync::Arc::make_mut(facts).mfa_device = None;
             }
             let sealed = keys.seal_entry(&key, &entry);
