@@ -309,10 +309,15 @@ impl AdminState {
                 }
             }
         };
-        let identity = ask.user_id.as_ref().map(|id| crate::iam::Identity {
-            user_id: id.clone(),
-            ..Default::default()
-        });
+        // The body is at most 32 KiB, so a user id is never too long for an identity.
+        let Ok(identity) = ask
+            .user_id
+            .as_deref()
+            .map(crate::iam::Identity::user)
+            .transpose()
+        else {
+            return bad("user_id is too long");
+        };
         let explanation = crate::explain::explain(
             &self.policy.load(),
             &method,

@@ -69,9 +69,7 @@ pub struct Decision {
 impl Decision {
     /// The user's IAM id, once known.
     pub fn user_id(&self) -> Option<&str> {
-        self.user
-            .as_deref()
-            .map(|user| user.identity.user_id.as_str())
+        self.user.as_deref().map(|user| user.identity.user_id())
     }
 
     /// The position of the decision in [`crate::metrics::DECISIONS`].

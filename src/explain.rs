@@ -99,14 +99,14 @@ fn trial(rule: &AllowRule, subject: Subject<'_>, identity: Option<&Identity>) ->
                     list.as_ref()
                         .is_none_or(|list| list.iter().any(|v| v == value))
                 };
-                if !listed(&rule.user_ids, &identity.user_id) {
-                    why.push(format!("user id {} not listed", identity.user_id));
+                if !listed(&rule.user_ids, identity.user_id()) {
+                    why.push(format!("user id {} not listed", identity.user_id()));
                 }
-                if !listed(&rule.user_names, &identity.user_name) {
-                    why.push(format!("user name {:?} not listed", identity.user_name));
+                if !listed(&rule.user_names, identity.user_name()) {
+                    why.push(format!("user name {:?} not listed", identity.user_name()));
                 }
-                if !listed(&rule.domain_ids, &identity.domain_id) {
-                    why.push(format!("domain id {:?} not listed", identity.domain_id));
+                if !listed(&rule.domain_ids, identity.domain_id()) {
+                    why.push(format!("domain id {:?} not listed", identity.domain_id()));
                 }
             }
         }
@@ -154,11 +154,11 @@ pub fn explain(
         rules: Vec::new(),
         facts: facts.map(|f| {
             serde_json::json!({
-                "user_id": f.identity.user_id,
-                "user_name": f.identity.user_name,
-                "domain_id": f.identity.domain_id,
+                "user_id": f.identity.user_id(),
+                "user_name": f.identity.user_name(),
+                "domain_id": f.identity.domain_id(),
                 "mfa_device": f.mfa_device,
-                "login_protect": f.login_protect.as_ref().map(|lp| lp.as_ref().map(|lp| serde_json::json!({"enabled": lp.enabled, "method": lp.method}))),
+                "login_protect": f.login_protect.as_ref().map(|lp| lp.as_ref().map(|lp| serde_json::json!({"enabled": lp.enabled, "method": lp.method.as_str()}))),
                 "totp_login": f.totp_login,
                 "token_expires_at": humantime::format_rfc3339_seconds(f.expires_at).to_string(),
             })
@@ -264,10 +264,9 @@ pub async fn for_config(
         }
         None => None,
     };
-    let identity = user_id.map(|id| Identity {
-        user_id: id.to_string(),
-        ..Identity::default()
-    });
+    let identity = user_id
+        .map(|id| Identity::user(id).map_err(|err| anyhow::anyhow!("--user-id: {err}")))
+        .transpose()?;
     Ok(explain(
         &policy,
         method,

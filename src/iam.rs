@@ -12,6 +12,7 @@ pub mod huawei;
 pub mod jwt;
 pub mod v5;
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -20,20 +21,147 @@ use futures_util::future::BoxFuture;
 use crate::auth::token::Token;
 
 /// Who the caller is, as the IAM says.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Every cached token holds one, so the four fields share one heap block, exactly as long as
+/// they are, instead of four `String`s (each with its own block, header and spare capacity).
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Identity {
-    pub user_id: String,
-    pub user_name: String,
-    pub domain_id: String,
-    pub domain_name: String,
+    /// User id, user name, domain id and domain name, one after the other.
+    text: Box<str>,
+    /// Where the user id, the user name and the domain id end in `text` (the domain name ends
+    /// with it). `u16` rather than `usize` keeps `UserFacts` in a smaller allocator size class.
+    ends: [u16; 3],
+}
+
+/// The fields of an [`Identity`] are longer than [`Identity::MAX_LEN`] in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "identity over {} bytes (user id, user name, domain id and domain name together)",
+    Identity::MAX_LEN
+)]
+pub struct IdentityTooLong;
+
+impl Identity {
+    /// The four fields together may take this many bytes. IAM answers are far smaller (names of
+    /// at most 64 characters, 32-hex ids; the IAM clients read at most 64–256 KiB of body).
+    pub const MAX_LEN: usize = u16::MAX as usize;
+
+    pub fn new(
+        user_id: &str,
+        user_name: &str,
+        domain_id: &str,
+        domain_name: &str,
+    ) -> Result<Self, IdentityTooLong> {
+        let fields = [user_id, user_name, domain_id, domain_name];
+        let len: usize = fields.iter().map(|field| field.len()).sum();
+        if len > Self::MAX_LEN {
+            return Err(IdentityTooLong);
+        }
+        let mut text = String::with_capacity(len);
+        let mut ends = [0u16; 3];
+        for (i, field) in fields.into_iter().enumerate() {
+            text.push_str(field);
+            if let Some(end) = ends.get_mut(i) {
+                // At most MAX_LEN, checked above.
+                *end = text.len() as u16;
+            }
+        }
+        Ok(Identity {
+            text: text.into_boxed_str(),
+            ends,
+        })
+    }
+
+    /// An identity that is only a user id, as an operator names one (`explain --user-id`).
+    pub fn user(user_id: &str) -> Result<Self, IdentityTooLong> {
+        Identity::new(user_id, "", "", "")
+    }
+
+    pub fn user_id(&self) -> &str {
+        self.field(0)
+    }
+
+    pub fn user_name(&self) -> &str {
+        self.field(1)
+    }
+
+    pub fn domain_id(&self) -> &str {
+        self.field(2)
+    }
+
+    /// Empty when the IAM has none (CloudSSO).
+    pub fn domain_name(&self) -> &str {
+        self.field(3)
+    }
+
+    /// Field `i` (0 to 3) of `text`.
+    fn field(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let end = self
+            .ends
+            .get(i)
+            .map_or(self.text.len(), |&end| end as usize);
+        &self.text[start..end]
+    }
+}
+
+/// As the derived `Debug` of four fields would print it.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id())
+            .field("user_name", &self.user_name())
+            .field("domain_id", &self.domain_id())
+            .field("domain_name", &self.domain_name())
+            .finish()
+    }
 }
 
 /// Login protection as configured on the user (Huawei `login-protect`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoginProtect {
     pub enabled: bool,
-    /// `verification_method`, lowercased (`vmfa`, `sms`, `email`, `none`).
-    pub method: String,
+    pub method: VerificationMethod,
+}
+
+/// Huawei's `verification_method` of login protection. One byte, not a `String`: every cached
+/// token of a user with login protection looked up holds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerificationMethod {
+    Vmfa,
+    Sms,
+    Email,
+    /// Login protection is off (and the IAM named no method).
+    None,
+    /// A value Huawei does not document. It never counts as login protection (the config
+    /// accepts only `vmfa`, `sms` and `email`); the value itself is not kept.
+    Other,
+}
+
+impl VerificationMethod {
+    /// Reads the IAM's value, in any case.
+    pub fn from_iam(value: &str) -> Self {
+        [
+            VerificationMethod::Vmfa,
+            VerificationMethod::Sms,
+            VerificationMethod::Email,
+            VerificationMethod::None,
+        ]
+        .into_iter()
+        .find(|method| value.eq_ignore_ascii_case(method.as_str()))
+        .unwrap_or(VerificationMethod::Other)
+    }
+
+    /// Lowercased, as the config's `policy.login_protect_methods` names them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerificationMethod::Vmfa => "vmfa",
+            VerificationMethod::Sms => "sms",
+            VerificationMethod::Email => "email",
+            VerificationMethod::None => "none",
+            VerificationMethod::Other => "other",
+        }
+    }
 }
 
 /// Everything the policy may need to know about a valid token's user.
@@ -108,4 +236,112 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_fields_come_back_as_given() {
+        let identity = Identity::new("u-1", "alice", "d-1", "acme").unwrap();
+        assert_eq!(identity.user_id(), "u-1");
+        assert_eq!(identity.user_name(), "alice");
+        assert_eq!(identity.domain_id(), "d-1");
+        assert_eq!(identity.domain_name(), "acme");
+        assert_eq!(
+            format!("{identity:?}"),
+            r#"Identity { user_id: "u-1", user_name: "alice", domain_id: "d-1", domain_name: "acme" }"#
+        );
+    }
+
+    #[test]
+    fn empty_fields_anywhere_stay_empty() {
+        for fields in [
+            ["", "", "", ""],
+            ["", "alice", "", "acme"],
+            ["u-1", "", "d-1", ""],
+            ["", "", "", "acme"],
+            ["u-1", "", "", ""],
+        ] {
+            let identity = Identity::new(fields[0], fields[1], fields[2], fields[3]).unwrap();
+            let read = [
+                identity.user_id(),
+                identity.user_name(),
+                identity.domain_id(),
+                identity.domain_name(),
+            ];
+            assert_eq!(read, fields);
+        }
+        assert_eq!(Identity::default(), Identity::new("", "", "", "").unwrap());
+        assert_eq!(Identity::user("u-1").unwrap().user_id(), "u-1");
+        assert_eq!(Identity::user("u-1").unwrap().domain_name(), "");
+    }
+
+    #[test]
+    fn multibyte_text_splits_on_field_boundaries() {
+        let identity = Identity::new("ü", "名前", "", "ドメイン").unwrap();
+        assert_eq!(identity.user_name(), "名前");
+        assert_eq!(identity.domain_name(), "ドメイン");
+    }
+
+    #[test]
+    fn an_identity_of_up_to_max_len_bytes_in_all_is_kept() {
+        // Long fields in every position, including one longer than a u16 offset alone allows
+        // together with the others.
+        let long = "a".repeat(Identity::MAX_LEN - 3);
+        let identity = Identity::new("b", &long, "c", "d").unwrap();
+        assert_eq!(identity.user_name(), long);
+        assert_eq!(identity.domain_id(), "c");
+        assert_eq!(identity.domain_name(), "d");
+        let last = Identity::new("", "", "", &"z".repeat(Identity::MAX_LEN)).unwrap();
+        assert_eq!(last.domain_name().len(), Identity::MAX_LEN);
+        assert_eq!(last.user_id(), "");
+    }
+
+    #[test]
+    fn a_longer_identity_is_refused() {
+        let half = "a".repeat(Identity::MAX_LEN / 2 + 1);
+        assert_eq!(Identity::new(&half, &half, "", ""), Err(IdentityTooLong));
+        assert_eq!(
+            Identity::new("", "", "", &"z".repeat(Identity::MAX_LEN + 1)),
+            Err(IdentityTooLong)
+        );
+        assert_eq!(
+            Identity::user(&"u".repeat(Identity::MAX_LEN + 1)),
+            Err(IdentityTooLong)
+        );
+    }
+
+    #[test]
+    fn verification_methods_read_in_any_case() {
+        for (text, method) in [
+            ("vmfa", VerificationMethod::Vmfa),
+            ("VMFA", VerificationMethod::Vmfa),
+            ("SMS", VerificationMethod::Sms),
+            ("Email", VerificationMethod::Email),
+            ("none", VerificationMethod::None),
+            ("fido2", VerificationMethod::Other),
+            ("", VerificationMethod::Other),
+        ] {
+            assert_eq!(VerificationMethod::from_iam(text), method, "{text:?}");
+        }
+        for method in [
+            VerificationMethod::Vmfa,
+            VerificationMethod::Sms,
+            VerificationMethod::Email,
+            VerificationMethod::None,
+        ] {
+            assert_eq!(VerificationMethod::from_iam(method.as_str()), method);
+        }
+    }
+
+    /// What a cached token costs depends on these: `UserFacts` sits in one 64-byte block with
+    /// the `Arc`'s counts.
+    #[test]
+    fn user_facts_stay_small() {
+        assert_eq!(std::mem::size_of::<Identity>(), 24);
+        assert_eq!(std::mem::size_of::<Option<Option<LoginProtect>>>(), 2);
+        assert!(std::mem::size_of::<UserFacts>() <= 48);
+    }
 }

@@ -185,7 +185,12 @@ impl Policy {
         let device = facts.mfa_device == Some(true);
         let login_protect = match &facts.login_protect {
             Some(Some(lp))
-                if lp.enabled && self.config.login_protect_methods.contains(&lp.method) =>
+                if lp.enabled
+                    && self
+                        .config
+                        .login_protect_methods
+                        .iter()
+                        .any(|method| method == lp.method.as_str()) =>
             {
                 Some(lp.method.as_str())
             }
@@ -246,9 +251,9 @@ fn identity_matchers_match(rule: &AllowRule, identity: &Identity) -> bool {
         list.as_ref()
             .is_none_or(|list| list.iter().any(|v| v == value))
     };
-    in_list(&rule.user_ids, &identity.user_id)
-        && in_list(&rule.user_names, &identity.user_name)
-        && in_list(&rule.domain_ids, &identity.domain_id)
+    in_list(&rule.user_ids, identity.user_id())
+        && in_list(&rule.user_names, identity.user_name())
+        && in_list(&rule.domain_ids, identity.domain_id())
 }
 
 /// An IPv4 peer on a dual-stack socket arrives as `::ffff:a.b.c.d`; IPv4 CIDRs must still match.
@@ -282,7 +287,7 @@ pub fn is_trusted(peer: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
 mod tests {
     use super::*;
     use crate::config::{Config, ProviderKind};
-    use crate::iam::LoginProtect;
+    use crate::iam::{LoginProtect, VerificationMethod};
     use std::path::Path;
     use std::time::SystemTime;
 
@@ -297,18 +302,13 @@ mod tests {
 
     fn facts(device: bool, lp: Option<(bool, &str)>, totp: bool) -> UserFacts {
         UserFacts {
-            identity: Identity {
-                user_id: "u1".into(),
-                user_name: "alice".into(),
-                domain_id: "d1".into(),
-                domain_name: "dom".into(),
-            },
+            identity: Identity::new("u1", "alice", "d1", "dom").unwrap(),
             expires_at: SystemTime::now(),
             totp_login: totp,
             mfa_device: Some(device),
             login_protect: Some(lp.map(|(enabled, method)| LoginProtect {
                 enabled,
-                method: method.into(),
+                method: VerificationMethod::from_iam(method),
             })),
         }
     }
@@ -386,10 +386,8 @@ mod tests {
             p.match_identity(subject(&get, "/"), &who).unwrap().name,
             "bg"
         );
-        let other = Identity {
-            user_id: "u2".into(),
-            ..who
-        };
+        let other =
+            Identity::new("u2", who.user_name(), who.domain_id(), who.domain_name()).unwrap();
         assert!(p.match_identity(subject(&get, "/"), &other).is_none());
     }
 

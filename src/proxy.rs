@@ -186,10 +186,10 @@ impl Upstream {
             let identity = principal.user.as_ref().map(|user| &user.identity);
             let field = |get: fn(&crate::iam::Identity) -> &str| identity.map_or("", get);
             let claims = crate::assertion::Claims {
-                user_id: field(|i| &i.user_id),
-                user_name: field(|i| &i.user_name),
-                domain_id: field(|i| &i.domain_id),
-                domain_name: field(|i| &i.domain_name),
+                user_id: field(crate::iam::Identity::user_id),
+                user_name: field(crate::iam::Identity::user_name),
+                domain_id: field(crate::iam::Identity::domain_id),
+                domain_name: field(crate::iam::Identity::domain_name),
                 mfa: principal.mfa.to_str().unwrap_or("none"),
                 request_id: info.request_id.to_str().unwrap_or_default(),
             };
@@ -337,10 +337,10 @@ pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
     if let Some(user) = &principal.user {
         let identity = &user.identity;
         for (name, value) in [
-            (headers::X_AUTH_USER_ID, &identity.user_id),
-            (headers::X_AUTH_USER_NAME, &identity.user_name),
-            (headers::X_AUTH_DOMAIN_ID, &identity.domain_id),
-            (headers::X_AUTH_DOMAIN_NAME, &identity.domain_name),
+            (headers::X_AUTH_USER_ID, identity.user_id()),
+            (headers::X_AUTH_USER_NAME, identity.user_name()),
+            (headers::X_AUTH_DOMAIN_ID, identity.domain_id()),
+            (headers::X_AUTH_DOMAIN_NAME, identity.domain_name()),
         ] {
             // Values come from the IAM; one that is empty (CloudSSO has no domain name) or
             // not a valid header value is left out rather than forwarded mangled.

@@ -18,7 +18,7 @@
 use http::StatusCode;
 use mfa_gate::iam::alibaba::{self, MfaSettings};
 use mfa_gate::iam::huawei::{self, Verified};
-use mfa_gate::iam::IamError;
+use mfa_gate::iam::{IamError, VerificationMethod};
 use serde_json::Value;
 
 /// The user the device and login-protect answers are checked against (seed pages 000/002).
@@ -122,10 +122,10 @@ pub fn huawei_parse(data: &[u8]) {
                     "enabled is not the body's"
                 );
                 let expected = match answer["verification_method"].as_str() {
-                    Some(method) => method.to_ascii_lowercase(),
+                    Some(method) => VerificationMethod::from_iam(method),
                     None => {
                         assert!(!protect.enabled, "enabled without a verification method");
-                        "none".to_owned()
+                        VerificationMethod::None
                     }
                 };
                 assert_eq!(protect.method, expected, "verification method");
@@ -142,16 +142,16 @@ pub fn huawei_parse(data: &[u8]) {
                 let answer = &value["token"];
                 let user = &answer["user"];
                 let identity = &token.identity;
-                assert_eq!(user["id"].as_str(), Some(identity.user_id.as_str()), "id");
+                assert_eq!(user["id"].as_str(), Some(identity.user_id()), "id");
                 assert!(
-                    !matches!(identity.user_id.as_str(), "" | "." | ".."),
+                    !matches!(identity.user_id(), "" | "." | ".."),
                     "user id {:?} is not a path segment",
-                    identity.user_id
+                    identity.user_id()
                 );
-                assert_eq!(user["name"].as_str(), Some(identity.user_name.as_str()));
+                assert_eq!(user["name"].as_str(), Some(identity.user_name()));
                 let domain = user.get("domain").unwrap_or(&answer["domain"]);
-                assert_eq!(domain["id"].as_str(), Some(identity.domain_id.as_str()));
-                assert_eq!(domain["name"].as_str(), Some(identity.domain_name.as_str()));
+                assert_eq!(domain["id"].as_str(), Some(identity.domain_id()));
+                assert_eq!(domain["name"].as_str(), Some(identity.domain_name()));
                 let totp = answer["methods"]
                     .as_array()
                     .is_some_and(|methods| methods.iter().any(|m| m == "totp"));

@@ -19,7 +19,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::iam::{Identity, LoginProtect, TokenStatus, UserFacts};
+use crate::iam::{Identity, LoginProtect, TokenStatus, UserFacts, VerificationMethod};
 
 /// First byte of every sealed value: the format, so that a later one can be told apart.
 const FORMAT_V1: u8 = 1;
@@ -233,10 +233,10 @@ impl From<&FleetEntry> for WireEntry {
         let facts = match &entry.status {
             TokenStatus::Invalid => None,
             TokenStatus::Valid(facts) => Some(WireFacts {
-                user_id: facts.identity.user_id.clone(),
-                user_name: facts.identity.user_name.clone(),
-                domain_id: facts.identity.domain_id.clone(),
-                domain_name: facts.identity.domain_name.clone(),
+                user_id: facts.identity.user_id().to_owned(),
+                user_name: facts.identity.user_name().to_owned(),
+                domain_id: facts.identity.domain_id().to_owned(),
+                domain_name: facts.identity.domain_name().to_owned(),
                 expires_at_ms: unix_ms(facts.expires_at),
                 totp_login: facts.totp_login,
                 mfa_device: facts.mfa_device,
@@ -245,7 +245,7 @@ impl From<&FleetEntry> for WireEntry {
                     Some(None) => WireLoginProtect::NotConfigured,
                     Some(Some(protect)) => WireLoginProtect::Configured {
                         enabled: protect.enabled,
-                        method: protect.method.clone(),
+                        method: protect.method.as_str().to_owned(),
                     },
                 },
             }),
@@ -267,13 +267,15 @@ impl TryFrom<WireEntry> for FleetEntry {
                 if facts.user_id.is_empty() {
                     return Err(Rejected::Content);
                 }
+                let identity = Identity::new(
+                    &facts.user_id,
+                    &facts.user_name,
+                    &facts.domain_id,
+                    &facts.domain_name,
+                )
+                .map_err(|_| Rejected::Content)?;
                 TokenStatus::Valid(std::sync::Arc::new(UserFacts {
-                    identity: Identity {
-                        user_id: facts.user_id,
-                        user_name: facts.user_name,
-                        domain_id: facts.domain_id,
-                        domain_name: facts.domain_name,
-                    },
+                    identity,
                     expires_at: from_unix_ms(facts.expires_at_ms),
                     totp_login: facts.totp_login,
                     mfa_device: facts.mfa_device,
@@ -281,7 +283,10 @@ impl TryFrom<WireEntry> for FleetEntry {
                         WireLoginProtect::NotLookedUp => None,
                         WireLoginProtect::NotConfigured => Some(None),
                         WireLoginProtect::Configured { enabled, method } => {
-                            Some(Some(LoginProtect { enabled, method }))
+                            Some(Some(LoginProtect {
+                                enabled,
+                                method: VerificationMethod::from_iam(&method),
+                            }))
                         }
                     },
                 }))
@@ -305,18 +310,13 @@ mod tests {
     fn alice() -> FleetEntry {
         FleetEntry {
             status: TokenStatus::Valid(std::sync::Arc::new(UserFacts {
-                identity: Identity {
-                    user_id: "u-alice".into(),
-                    user_name: "alice".into(),
-                    domain_id: "d-1".into(),
-                    domain_name: "acme".into(),
-                },
+                identity: Identity::new("u-alice", "alice", "d-1", "acme").unwrap(),
                 expires_at: from_unix_ms(1_900_000_000_000),
                 totp_login: true,
                 mfa_device: Some(true),
                 login_protect: Some(Some(LoginProtect {
                     enabled: true,
-                    method: "vmfa".into(),
+                    method: VerificationMethod::Vmfa,
                 })),
             })),
             fresh_until: from_unix_ms(1_800_000_000_000),
@@ -333,7 +333,7 @@ mod tests {
         for login_protect in [None, Some(None)] {
             let mut entry = alice();
             if let TokenStatus::Valid(facts) = &mut entry.status {
-                std::sync::Arc::make_mut(facts).login_protect = login_protect.clone();
+                std::sync::Arc::make_mut(facts).login_protect = login_protect;
                 std::sync::Arc::make_mut(facts).mfa_device = None;
             }
             let sealed = keys.seal_entry(&key, &entry);

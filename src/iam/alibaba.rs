@@ -362,23 +362,26 @@ impl CloudSsoProvider {
         } else {
             None
         };
-        Ok(TokenStatus::Valid(Arc::new(self.facts(jwt, mfa_device))))
+        Ok(TokenStatus::Valid(Arc::new(self.facts(jwt, mfa_device)?)))
     }
 
-    fn facts(&self, jwt: VerifiedJwt, mfa_device: Option<bool>) -> UserFacts {
-        UserFacts {
+    fn facts(&self, jwt: VerifiedJwt, mfa_device: Option<bool>) -> Result<UserFacts, IamError> {
+        // Unreachable in practice: a token is at most 16 KiB.
+        let identity = Identity::new(
+            &jwt.user_id,
+            jwt.user_name.as_deref().unwrap_or_default(),
+            &self.directory_id,
+            "",
+        )
+        .map_err(|err| bad(format!("JWT subject: {err}")))?;
+        Ok(UserFacts {
             // RFC 8176 `otp`: the IdP says this login used a one-time password.
             totp_login: jwt.amr.iter().any(|method| method == "otp"),
-            identity: Identity {
-                user_id: jwt.user_id,
-                user_name: jwt.user_name.unwrap_or_default(),
-                domain_id: self.directory_id.clone(),
-                domain_name: String::new(),
-            },
+            identity,
             expires_at: jwt.expires_at,
             mfa_device,
             login_protect: None,
-        }
+        })
     }
 
     /// `GetUserMFAAuthenticationSettings` for one user: waits for a permit, signs, sends, reads
@@ -1030,9 +1033,9 @@ mod tests {
             let alice = facts(lookup(&provider, &token).await.unwrap());
             assert_eq!(alice.mfa_device, Some(true));
             assert_eq!(alice.login_protect, None);
-            assert_eq!(alice.identity.user_id, ALICE);
-            assert_eq!(alice.identity.user_name, "alice");
-            assert_eq!(alice.identity.domain_id, sim.directory_id());
+            assert_eq!(alice.identity.user_id(), ALICE);
+            assert_eq!(alice.identity.user_name(), "alice");
+            assert_eq!(alice.identity.domain_id(), sim.directory_id());
             let exp = sim.claims_for(ALICE, "alice", HOUR)["exp"]
                 .as_u64()
                 .unwrap();

@@ -47,6 +47,7 @@ use tokio::time::Instant;
 use crate::auth::token::Token;
 use crate::iam::{
     error_chain, IamError, IamProvider, Identity, LoginProtect, Needs, TokenStatus, UserFacts,
+    VerificationMethod,
 };
 use crate::metrics::Metrics;
 
@@ -178,7 +179,7 @@ impl HuaweiProvider {
             Verified::Valid(verified) => verified,
         };
 
-        let user_id = verified.identity.user_id.as_str();
+        let user_id = verified.identity.user_id();
         let segment = encode_segment(user_id);
         let device = async {
             if !needs.mfa_device {
@@ -500,12 +501,8 @@ pub fn parse_verify(status: StatusCode, body: &[u8]) -> Result<Verified, IamErro
         Some(_) => return Err(bad(API, "token.methods: not a list".to_owned())),
     };
     Ok(Verified::Valid(VerifiedToken {
-        identity: Identity {
-            user_id: user_id.to_owned(),
-            user_name: user_name.to_owned(),
-            domain_id: domain_id.to_owned(),
-            domain_name: domain_name.to_owned(),
-        },
+        identity: Identity::new(user_id, user_name, domain_id, domain_name)
+            .map_err(|err| bad(API, format!("token.user: {err}")))?,
         expires_at,
         totp_login,
     }))
@@ -559,14 +556,13 @@ pub fn parse_login_protect(
         None => return Err(bad(API, "login_protect.enabled: missing".to_owned())),
     };
     let method = match protect.get("verification_method") {
-        None | Some(Value::Null) if !enabled => "none".to_owned(),
-        _ => string(
+        None | Some(Value::Null) if !enabled => VerificationMethod::None,
+        _ => VerificationMethod::from_iam(string(
             API,
             protect,
             "verification_method",
             "login_protect.verification_method",
-        )?
-        .to_ascii_lowercase(),
+        )?),
     };
     Ok(Some(LoginProtect { enabled, method }))
 }
@@ -832,12 +828,13 @@ mod tests {
         let token = valid(parse_verify(st(200), VERIFY_200.as_bytes()));
         assert_eq!(
             token.identity,
-            Identity {
-                user_id: "092ac6365a0025b11f76c01e90100...".into(),
-                user_name: "user A".into(),
-                domain_id: "e6505630658e49649784759cdf251...".into(),
-                domain_name: "domain A".into(),
-            }
+            Identity::new(
+                "092ac6365a0025b11f76c01e90100...",
+                "user A",
+                "e6505630658e49649784759cdf251...",
+                "domain A"
+            )
+            .unwrap()
         );
         assert!(token.totp_login);
         assert_eq!(
@@ -886,10 +883,7 @@ mod tests {
         token["domain"] = serde_json::json!({"id": "d2", "name": "scope"});
         let parsed = valid(parse_verify(st(200), &verify_body(token.clone())));
         assert_eq!(
-            (
-                parsed.identity.domain_id.as_str(),
-                parsed.identity.domain_name.as_str()
-            ),
+            (parsed.identity.domain_id(), parsed.identity.domain_name()),
             ("d2", "scope")
         );
         token.as_object_mut().unwrap().remove("domain");
@@ -1177,7 +1171,7 @@ mod tests {
             parse_login_protect(st(200), PROTECT_200.as_bytes(), SEED_USER).unwrap(),
             Some(LoginProtect {
                 enabled: true,
-                method: "vmfa".into()
+                method: VerificationMethod::Vmfa
             })
         );
         let sms =
@@ -1186,7 +1180,16 @@ mod tests {
             parse_login_protect(st(200), sms, "u").unwrap(),
             Some(LoginProtect {
                 enabled: true,
-                method: "sms".into()
+                method: VerificationMethod::Sms
+            })
+        );
+        let unknown =
+            br#"{"login_protect":{"user_id":"u","enabled":true,"verification_method":"fido2"}}"#;
+        assert_eq!(
+            parse_login_protect(st(200), unknown, "u").unwrap(),
+            Some(LoginProtect {
+                enabled: true,
+                method: VerificationMethod::Other
             })
         );
         let off =
@@ -1197,7 +1200,7 @@ mod tests {
                 parse_login_protect(st(200), body, "u").unwrap(),
                 Some(LoginProtect {
                     enabled: false,
-                    method: "none".into()
+                    method: VerificationMethod::None
                 })
             );
         }
@@ -1604,12 +1607,7 @@ mod tests {
 
             assert_eq!(
                 facts.identity,
-                Identity {
-                    user_id: USER.into(),
-                    user_name: "alice".into(),
-                    domain_id: "d-1".into(),
-                    domain_name: "acme".into(),
-                }
+                Identity::new(USER, "alice", "d-1", "acme").unwrap()
             );
             assert!(facts.totp_login);
             assert_eq!(
@@ -1621,7 +1619,7 @@ mod tests {
                 facts.login_protect,
                 Some(Some(LoginProtect {
                     enabled: true,
-                    method: "vmfa".into()
+                    method: VerificationMethod::Vmfa
                 }))
             );
 
@@ -1784,7 +1782,7 @@ mod tests {
             let server = serve(healthy(user)).await;
             let (provider, _) = provider(server.endpoint(), Duration::from_secs(5), 8);
             let facts = facts(provider.lookup(&Token::new(TOKEN), BOTH).await.unwrap());
-            assert_eq!(facts.identity.user_id, user);
+            assert_eq!(facts.identity.user_id(), user);
             assert_eq!(
                 server.targets(),
                 vec![

@@ -590,12 +590,13 @@ async fn forged_moved_or_tampered_redis_values_are_rejected_never_trusted() {
         &bob_raw,
         &FleetEntry {
             status: TokenStatus::Valid(std::sync::Arc::new(UserFacts {
-                identity: Identity {
-                    user_id: bob.user_id.clone(),
-                    user_name: bob.user_name.clone(),
-                    domain_id: bob.domain_id.clone(),
-                    domain_name: bob.domain_name.clone(),
-                },
+                identity: Identity::new(
+                    &bob.user_id,
+                    &bob.user_name,
+                    &bob.domain_id,
+                    &bob.domain_name,
+                )
+                .unwrap(),
                 expires_at: SystemTime::now() + Duration::from_secs(3600),
                 totp_login: true,
                 mfa_device: Some(true),
@@ -651,7 +652,7 @@ async fn forged_moved_or_tampered_redis_values_are_rejected_never_trusted() {
         FleetKeys::derive(SECRET)
             .open_entry(&carol_raw, &value)
             .is_ok_and(|entry| match entry.status {
-                TokenStatus::Valid(facts) => facts.identity.user_id == carol.user_id,
+                TokenStatus::Valid(facts) => facts.identity.user_id() == carol.user_id,
                 TokenStatus::Invalid => false,
             })
     })

@@ -102,6 +102,12 @@ enum Command {
     },
 }
 
+/// The gateway's own allocator (src/main.rs): what `cache-scale` and the in-process parts measure
+/// is then what the gateway would spend, not what glibc's malloc would.
+#[cfg(not(feature = "system-alloc"))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One worker: the load generator and the IAM simulator share one core in pinned mode.

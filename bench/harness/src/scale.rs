@@ -32,12 +32,13 @@ impl IamProvider for FakeIam {
         // 32-hex ids and short names, as Huawei IAM has them.
         let n = token.expose().len();
         let facts = UserFacts {
-            identity: Identity {
-                user_id: format!("{:032x}", n as u128 ^ rand::random::<u128>()),
-                user_name: format!("user-{:08x}", rand::random::<u32>()),
-                domain_id: format!("{:032x}", rand::random::<u128>()),
-                domain_name: "bench-domain".to_string(),
-            },
+            identity: Identity::new(
+                &format!("{:032x}", n as u128 ^ rand::random::<u128>()),
+                &format!("user-{:08x}", rand::random::<u32>()),
+                &format!("{:032x}", rand::random::<u128>()),
+                "bench-domain",
+            )
+            .expect("a short identity"),
             expires_at: SystemTime::now() + Duration::from_secs(12 * 3600),
             totp_login: true,
             mfa_device: Some(true),
