@@ -368,6 +368,30 @@ mod tests {
     use crate::metrics::UPSTREAM_CLASSES;
 
     #[test]
+    fn identity_headers_carry_the_identity_and_bad_values_are_left_out() {
+        let facts = UserFacts {
+            identity: crate::iam::Identity::new("u-1", "bad\nname", "d-9", "").unwrap(),
+            expires_at: std::time::SystemTime::now(),
+            totp_login: false,
+            mfa_device: Some(true),
+            login_protect: None,
+        };
+        let principal = Principal {
+            user: Some(Arc::new(facts)),
+            mfa: HeaderValue::from_static("mfa_device"),
+        };
+        let mut headers = http::HeaderMap::new();
+        write_identity(&mut headers, &principal);
+        assert_eq!(headers[headers::X_AUTH_USER_ID], "u-1");
+        assert_eq!(headers[headers::X_AUTH_DOMAIN_ID], "d-9");
+        assert_eq!(headers[headers::X_AUTH_MFA], "mfa_device");
+        // A control character cannot be forwarded; an empty domain name is not sent.
+        assert!(!headers.contains_key(headers::X_AUTH_USER_NAME));
+        assert!(!headers.contains_key(headers::X_AUTH_DOMAIN_NAME));
+        assert_eq!(headers.len(), 3);
+    }
+
+    #[test]
     fn class_indexes_name_the_metric_labels() {
         assert_eq!(UPSTREAM_CLASSES[CLASS_ERROR], "error");
         assert_eq!(UPSTREAM_CLASSES[CLASS_TIMEOUT], "timeout");
