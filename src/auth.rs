@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
+use crate::cache::memo::KeyMemo;
 use crate::cache::TokenCache;
 use crate::config::{AllowRule, Mode, OnIamError};
 use crate::decision::{Decision, DecisionSlot, Reason};
@@ -43,11 +44,13 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Decides about one request. Leaves the decision in `slot` whatever it is.
+    /// Decides about one request. Leaves the decision in `slot` whatever it is. `key_memo`
+    /// is the client connection's (the cache key of a token seen again is not recomputed).
     async fn decide(
         &self,
         subject: Subject<'_>,
         token: Option<&Token>,
+        key_memo: &KeyMemo,
         slot: &DecisionSlot,
     ) -> Result<Principal, GatewayError> {
         let policy = self.policy.load();
@@ -80,7 +83,7 @@ impl Auth {
         }
 
         let token = token.ok_or(GatewayError::NoToken)?;
-        let facts = match self.cache.lookup(token).await {
+        let facts = match self.cache.lookup_on(token, key_memo).await {
             Ok((TokenStatus::Valid(facts), _)) => facts,
             Ok((TokenStatus::Invalid, _)) => return Err(GatewayError::InvalidToken),
             Err(err) => {
@@ -240,7 +243,9 @@ where
                     peer: info.peer.ip(),
                     now: std::time::SystemTime::now(),
                 };
-                let principal = auth.decide(subject, info.token.as_ref(), &slot).await?;
+                let principal = auth
+                    .decide(subject, info.token.as_ref(), &info.key_memo, &slot)
+                    .await?;
                 let mut response = Response::new(proxy::full_body(""));
                 *response.status_mut() = StatusCode::OK;
                 proxy::write_identity(response.headers_mut(), &principal);
@@ -253,7 +258,9 @@ where
                 peer: info.peer.ip(),
                 now: std::time::SystemTime::now(),
             };
-            let principal = auth.decide(subject, info.token.as_ref(), &slot).await?;
+            let principal = auth
+                .decide(subject, info.token.as_ref(), &info.key_memo, &slot)
+                .await?;
             request.extensions_mut().insert(principal);
             inner.call(request).await
         })

@@ -16,6 +16,7 @@
 //!   gateway of the fleet fetches a token while the others wait for its answer, and purges reach
 //!   every gateway. Keys are then the HMAC under the fleet's secret (still never the token).
 
+pub mod memo;
 pub mod seal;
 pub mod shared;
 mod stamp;
@@ -33,6 +34,7 @@ use moka::Expiry;
 use rand::RngCore;
 use sha2::Sha256;
 
+use self::memo::KeyMemo;
 use self::seal::FleetEntry;
 use self::shared::{FleetEvent, Lock, Read, SharedCache};
 use self::stamp::Stamp;
@@ -159,7 +161,12 @@ impl CacheResult {
     }
 }
 
+/// Numbers the caches of this process, for [`KeyMemo`]: a key is reused only with its cache.
+static CACHE_IDS: AtomicU64 = AtomicU64::new(0);
+
 struct Inner {
+    /// This cache among the process's (see [`CACHE_IDS`]).
+    id: u64,
     /// Valid tokens (with or without MFA).
     valid: Cache<LocalKey, Entry>,
     /// Tokens the IAM called invalid.
@@ -214,6 +221,7 @@ impl TokenCache {
         // Before any entry: see `Stamp`.
         Stamp::init();
         TokenCache(Arc::new(Inner {
+            id: CACHE_IDS.fetch_add(1, Ordering::Relaxed),
             valid: Cache::builder()
                 .max_capacity(config.max_entries)
                 .expire_after(UntilStale)
@@ -250,7 +258,32 @@ impl TokenCache {
 
     /// What is known about `token`: from the cache, or fetched from the IAM.
     pub async fn lookup(&self, token: &Token) -> Result<(TokenStatus, CacheResult), Arc<IamError>> {
-        let key = self.key(token);
+        self.lookup_key(self.key(token), token).await
+    }
+
+    /// [`TokenCache::lookup`] for a request on a client connection whose last token (and its
+    /// key) `memo` remembers: the same token again costs no HMAC.
+    pub async fn lookup_on(
+        &self,
+        token: &Token,
+        memo: &KeyMemo,
+    ) -> Result<(TokenStatus, CacheResult), Arc<IamError>> {
+        let key = match memo.recall(self.0.id, token) {
+            Some(key) => key,
+            None => {
+                let key = self.key(token);
+                memo.remember(self.0.id, token, key);
+                key
+            }
+        };
+        self.lookup_key(key, token).await
+    }
+
+    async fn lookup_key(
+        &self,
+        key: Key,
+        token: &Token,
+    ) -> Result<(TokenStatus, CacheResult), Arc<IamError>> {
         let cached = match self.0.valid.get(&local(&key)).await {
             Some(entry) => Some(entry),
             None => self.0.invalid.get(&local(&key)).await,

@@ -54,6 +54,8 @@ pub struct RequestInfo {
     pub path: Arc<str>,
     /// The client's token, if any was sent.
     pub token: Option<Token>,
+    /// The connection's last token and its cache key ([`crate::cache::memo`]).
+    pub key_memo: Arc<crate::cache::memo::KeyMemo>,
 }
 
 /// Permission to forward, issued by the auth layer only; carries what the upstream is told.

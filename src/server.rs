@@ -124,6 +124,7 @@ pub async fn serve(
                 .expect("an IP address is a valid header value"),
             proto,
             framing,
+            key_memo: Default::default(),
         };
         let svc = service.clone();
         let hyper_service =

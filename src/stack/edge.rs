@@ -29,6 +29,8 @@ pub struct ConnInfo {
     pub proto: &'static str,
     /// What the framing observer saw of each HTTP/1 request head on this connection.
     pub framing: crate::server::framing::FramingVerdicts,
+    /// The connection's last token and its cache key.
+    pub key_memo: Arc<crate::cache::memo::KeyMemo>,
 }
 
 /// The request id, chosen here so that even a refused request's answer carries one.

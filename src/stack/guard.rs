@@ -148,6 +148,7 @@ fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(),
         proto: conn.proto,
         path,
         token,
+        key_memo: conn.key_memo,
     });
     Ok(())
 }

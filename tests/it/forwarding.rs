@@ -639,3 +639,56 @@ async fn a_client_gone_mid_body_leaves_the_pool_usable() {
         "the abandoned connection is not reused; the next one is"
     );
 }
+
+/// Sends one request on a kept-alive connection and reads one sized answer: (status, body).
+async fn exchange(stream: &mut TcpStream, request: &str) -> (u16, String) {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .expect("a sized answer")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn one_connection_carrying_several_users_never_mixes_their_tokens_up() {
+    // A front proxy's keep-alive pool sends many users' requests on one connection; the
+    // connection remembers its last token's cache key, and must never apply it to another.
+    let h = Harness::start().await;
+    let (alice, bob) = (h.token("alice"), h.token("bob"));
+    let mut stream = TcpStream::connect(h.addr()).await.unwrap();
+    let get =
+        |token: &str| format!("GET /who HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
+    let extended = format!("{alice}x");
+    let prefix = &alice[..alice.len() - 1];
+    let steps: [(&str, &str, u16); 7] = [
+        ("alice", &alice, 200),
+        ("alice again", &alice, 200),
+        ("bob", &bob, 403),
+        ("alice after bob", &alice, 200),
+        ("alice's token and one more byte", &extended, 401),
+        ("alice's token short of its last byte", prefix, 401),
+        ("alice once more", &alice, 200),
+    ];
+    for (what, token, status) in steps {
+        let (got, body) = exchange(&mut stream, &get(token)).await;
+        assert_eq!(got, status, "{what}: {body}");
+        if status == 200 {
+            let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(seen["headers"]["x-auth-user-name"], "alice", "{what}");
+        }
+    }
+}
