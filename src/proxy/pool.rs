@@ -88,7 +88,9 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.take_idle().await {
                 Some(sender) if reused_attempts < REUSE_ATTEMPTS => (sender, true),
-                _ => (self.connect().await?, false),
+                // Boxed: connecting (TCP, maybe TLS) is rare and its future is large; inline,
+                // it would be part of every request's future and be copied with it.
+                _ => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.lease(sender, response)),
