@@ -8,10 +8,10 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use mfa_gate::dev::iam_sim::{self, Api, Fault, IamSim};
 use mfa_gate::dev::upstream::DemoUpstream;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::hostile::RawConn;
 use crate::support::{config_text, send, LOOPBACK};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mfa-gate");
@@ -324,30 +324,15 @@ async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connec
     let token = users[0].token.clone();
     let mut clients = Vec::new();
     for _ in 0..6 {
-        clients.push(TcpStream::connect(&listen).await.unwrap());
+        clients.push(RawConn::open(listen.parse().unwrap()).await);
     }
     for round in 0..4 {
         for (n, client) in clients.iter_mut().enumerate() {
             let request =
                 format!("GET /w/{round}/{n} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
-            client.write_all(request.as_bytes()).await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                client.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-            assert!(head.starts_with("http/1.1 200"), "{head}");
-            let length: usize = head
-                .lines()
-                .find_map(|line| line.strip_prefix("content-length: "))
-                .expect("a sized answer")
-                .trim()
-                .parse()
-                .unwrap();
-            let mut body = vec![0u8; length];
-            client.read_exact(&mut body).await.unwrap();
+            client.send(request.as_bytes());
+            let reply = client.reply(false, Duration::from_secs(5)).await;
+            assert_eq!(reply.status, Some(200), "{}", reply.text());
         }
     }
     assert_eq!(upstream.request_count(), 24);

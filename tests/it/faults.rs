@@ -248,7 +248,7 @@ async fn fail_open_forwards_without_identity() {
 
 /// A raw TCP upstream: for each connection, `behave` gets the stream after the request head
 /// was read.
-async fn raw_upstream<F, Fut>(behave: F) -> String
+pub(crate) async fn raw_upstream<F, Fut>(behave: F) -> String
 where
     F: Fn(TcpStream, Vec<u8>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,

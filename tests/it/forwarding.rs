@@ -11,6 +11,11 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::faults::raw_upstream;
+use crate::hostile::RawConn;
 use crate::support::{raw, raw_status, send, Harness};
 
 #[tokio::test]
@@ -558,40 +563,26 @@ async fn an_upstream_that_says_connection_close_gets_a_new_connection_each_time(
 
 /// An upstream that answers one request per connection and then closes it without saying so
 /// (as a keep-alive timeout does); counts the connections it accepted.
-async fn closing_upstream() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+async fn closing_upstream() -> (String, Arc<AtomicUsize>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                // Closed right after the answer, with no `Connection: close`.
-            });
+    let url = raw_upstream(move |mut stream, _head| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // Closed right after the answer, with no `Connection: close`.
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
         }
-    });
-    (addr, accepted)
+    })
+    .await;
+    (url, accepted)
 }
 
 #[tokio::test]
 async fn connections_the_upstream_closed_while_idle_cost_no_request() {
-    let (addr, accepted) = closing_upstream().await;
-    let h = Harness::with_upstream("", &format!("http://{addr}")).await;
+    let (url, accepted) = closing_upstream().await;
+    let h = Harness::with_upstream("", &url).await;
     let token = h.token("alice");
     for round in 0..10 {
         let answer = h.get("/", &[("x-auth-token", &token)]).await;
@@ -607,7 +598,7 @@ async fn connections_the_upstream_closed_while_idle_cost_no_request() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    assert_eq!(accepted.load(Ordering::SeqCst), 10);
     assert_eq!(
         h.metric("mfa_gate_upstream_responses_total{class=\"error\"}")
             .await,
@@ -640,36 +631,13 @@ async fn a_client_gone_mid_body_leaves_the_pool_usable() {
     );
 }
 
-/// Sends one request on a kept-alive connection and reads one sized answer: (status, body).
-async fn exchange(stream: &mut TcpStream, request: &str) -> (u16, String) {
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status = head[9..12].parse().unwrap();
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-length: "))
-        .expect("a sized answer")
-        .trim()
-        .parse()
-        .unwrap();
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
 #[tokio::test]
 async fn one_connection_carrying_several_users_never_mixes_their_tokens_up() {
     // A front proxy's keep-alive pool sends many users' requests on one connection; the
     // connection remembers its last token's cache key, and must never apply it to another.
     let h = Harness::start().await;
     let (alice, bob) = (h.token("alice"), h.token("bob"));
-    let mut stream = TcpStream::connect(h.addr()).await.unwrap();
+    let mut conn = RawConn::open(h.addr()).await;
     let get =
         |token: &str| format!("GET /who HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
     let extended = format!("{alice}x");
@@ -684,10 +652,11 @@ async fn one_connection_carrying_several_users_never_mixes_their_tokens_up() {
         ("alice once more", &alice, 200),
     ];
     for (what, token, status) in steps {
-        let (got, body) = exchange(&mut stream, &get(token)).await;
-        assert_eq!(got, status, "{what}: {body}");
+        conn.send(get(token).as_bytes());
+        let reply = conn.reply(false, Duration::from_secs(5)).await;
+        assert_eq!(reply.status, Some(status), "{what}: {}", reply.text());
         if status == 200 {
-            let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let seen: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
             assert_eq!(seen["headers"]["x-auth-user-name"], "alice", "{what}");
         }
     }
