@@ -86,11 +86,18 @@ impl Pool {
     ) -> Result<Response<PooledBody>, SendError> {
         let mut reused_attempts = 0;
         loop {
-            let (mut sender, reused) = match self.take_idle().await {
-                Some(sender) if reused_attempts < REUSE_ATTEMPTS => (sender, true),
+            // After a few refusals the request gets a new connection, and the idle ones are
+            // left in the pool for others.
+            let idle = if reused_attempts < REUSE_ATTEMPTS {
+                self.take_idle().await
+            } else {
+                None
+            };
+            let (mut sender, reused) = match idle {
+                Some(sender) => (sender, true),
                 // Boxed: connecting (TCP, maybe TLS) is rare and its future is large; inline,
                 // it would be part of every request's future and be copied with it.
-                _ => (Box::pin(self.connect()).await?, false),
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.lease(sender, response)),
