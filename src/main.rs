@@ -167,30 +167,36 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
 /// many workers instead: it costs more CPU per request (bench/README.md), but spreads the
 /// streams of a single HTTP/2 client connection over all workers, where the default keeps a
 /// connection on one.
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime(multi_thread: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|n| n.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let flavour = std::env::var("MFA_GATE_RUNTIME").unwrap_or_default();
-    let built = match flavour.as_str() {
-        "" | "per-worker" => mfa_gate::server::workers::start(workers).and_then(|()| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        }),
-        "multi-thread" => tokio::runtime::Builder::new_multi_thread()
+    if multi_thread {
+        return tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .enable_all()
-            .build(),
-        other => {
-            return Err(format!(
-                "MFA_GATE_RUNTIME: unknown value {other:?} (per-worker or multi-thread)"
-            ))
-        }
-    };
-    built.map_err(|err| format!("cannot start the runtime: {err}"))
+            .build();
+    }
+    mfa_gate::server::workers::start(workers)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// `MFA_GATE_RUNTIME`: whether tokio's multi-thread scheduler was asked for (see [`runtime`]).
+fn multi_thread_asked() -> Result<bool, String> {
+    match std::env::var("MFA_GATE_RUNTIME")
+        .unwrap_or_default()
+        .as_str()
+    {
+        "" | "per-worker" => Ok(false),
+        "multi-thread" => Ok(true),
+        other => Err(format!(
+            "MFA_GATE_RUNTIME: unknown value {other:?} (per-worker or multi-thread)"
+        )),
+    }
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -228,10 +234,17 @@ fn main() -> ExitCode {
         eprintln!("mfa-gate: {err}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match runtime() {
+    let multi_thread = match multi_thread_asked() {
+        Ok(multi_thread) => multi_thread,
+        Err(err) => {
+            eprintln!("mfa-gate: config error: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match runtime(multi_thread) {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("mfa-gate: {err}");
+            eprintln!("mfa-gate: cannot start the runtime: {err}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };

@@ -299,6 +299,28 @@ async fn sigterm_drains_requests_in_flight() {
     assert_eq!(upstream.request_count(), 4);
 }
 
+#[test]
+fn an_unknown_runtime_flavour_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &config_text("http://127.0.0.1:9", "http://127.0.0.1:9", ""),
+    );
+    let output = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("MFA_GATE_RUNTIME", "green-threads")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("MFA_GATE_RUNTIME") && stderr.contains("green-threads"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connections() {
     let users = iam_sim::demo_users(Duration::from_secs(3600));
