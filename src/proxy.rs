@@ -118,9 +118,9 @@ impl Upstream {
         })
     }
 
-    /// The upstream request's target for the normalised `path` and the client's query. When normalising
-    /// changed nothing (the common case), the client's path-and-query is reused as it is
-    /// (already validated by hyper, shared rather than copied); else one string is built.
+    /// The upstream request's target for the normalised `path` and the client's query. When
+    /// normalising changed nothing (the common case), the client's path-and-query is reused as
+    /// it is (already validated by hyper, shared rather than copied); else one string is built.
     fn target(&self, path: &str, original: &Uri) -> Result<Uri, GatewayError> {
         let unusable = |_| GatewayError::bad_request("request target cannot be forwarded");
         let path_and_query = match original.path_and_query() {
