@@ -4,6 +4,7 @@
 //! The [`ProxyService`] only forwards requests that carry a [`Principal`]: the auth layer is the
 //! only place that makes one, so a request that skipped it cannot reach the upstream.
 
+pub mod h1;
 pub mod headers;
 pub mod path;
 pub mod pool;
@@ -19,12 +20,11 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 
 use crate::auth::token::{Token, X_AUTH_TOKEN};
@@ -86,30 +86,20 @@ impl Upstream {
         assertion: Option<Arc<crate::assertion::Signer>>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let mut http = HttpConnector::new();
-        // Nagle's algorithm plus delayed ACKs costs ~40 ms per small request on keep-alive
-        // connections; neither hyper nor hyper-util turn it off by default.
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.enforce_http(false);
-        let tls = crate::tls::client_config(config.ca_file.as_deref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
         let authority = config
             .url
             .authority()
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("upstream.url has no host"))?;
-        let origin = Uri::builder()
-            .scheme(config.url.scheme().cloned().unwrap_or(Scheme::HTTP))
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()?;
+        let tls = crate::tls::client_config(config.ca_file.as_deref())?;
+        let pool = pool::Pool::new(
+            &config.url,
+            tls,
+            config.connect_timeout,
+            UPSTREAM_IDLE_TIMEOUT,
+        )?;
         Ok(Upstream {
-            pool: pool::Pool::new(connector, origin, UPSTREAM_IDLE_TIMEOUT),
+            pool,
             authority_host: HeaderValue::from_str(authority.as_str())?,
             timeout: config.timeout,
             forward_token: token.forward,
@@ -237,9 +227,10 @@ impl Upstream {
         self.count(status_class(response.status()));
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        let upgraded = response.body_mut().take_upgraded();
+        if let (true, Some(client_upgrade), Some(upgraded)) = (switching, client_upgrade, upgraded)
+        {
+            tokio::spawn(tunnel(client_upgrade, upgraded));
         }
         headers::strip_hop_by_hop(response.headers_mut(), switching && websocket);
         Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
@@ -273,16 +264,21 @@ fn status_class(status: StatusCode) -> usize {
 
 /// Copies bytes both ways between an upgraded client and upstream connection until either
 /// side closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: pool::Upgraded) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(err) => {
             tracing::debug!(cause = %err, "websocket upgrade did not complete");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    let (mut upstream, read_ahead) = upstream.into_parts();
+    // What the upstream sent right after its 101 belongs to the client.
+    if let Err(err) = tokio::io::AsyncWriteExt::write_all(&mut client, &read_ahead).await {
+        tracing::debug!(cause = %err, "websocket tunnel ended with an error");
+        return;
+    }
     if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(cause = %err, "websocket tunnel ended with an error");
     }

@@ -1,51 +1,243 @@
-//! The pool of keep-alive HTTP/1 connections to the one upstream.
+//! The pool of keep-alive HTTP/1.1 connections to the one upstream, and the exchange of one
+//! request and answer on such a connection ([`super::h1`] does the encoding and parsing).
 //!
-//! hyper-util's general client keys its pool by scheme and authority (hashed with SipHash on
-//! every checkout and every return), races a new connection against each checkout and keeps a
-//! reaper task; with a single upstream none of that is needed. Here the idle connections are a
-//! stack: a request takes the most recently used one (its socket is the warmest, and the
-//! others age out), and gives it back as soon as the answer's body has been read to its end.
+//! The request's own task does the exchange: it takes an idle connection (a stack, most
+//! recently used first: its socket is the warmest, and the others age out), writes the request
+//! head (and a small body) in one write, reads the answer's head, and hands hyper's server side
+//! a body that reads the rest straight from the upstream socket. Once that body has been read to
+//! its end the connection goes back to the pool. There is no connection task and no channel in
+//! between, which is what hyper's client cost on every request.
 //!
-//! What it keeps from hyper-util: `TCP_NODELAY` and the connect timeout (set on the
-//! connector), the idle timeout, and the retry of a request that a reused connection could not
-//! take (the upstream closed it while it sat idle): such a request was never sent, so sending
-//! it on another connection is safe whatever its method.
+//! What it keeps from hyper-util's client: `TCP_NODELAY`, the connect timeout, the 90 s idle
+//! timeout, TLS to the upstream (rustls), the hand-over of a `101 Switching Protocols`
+//! connection to the WebSocket tunnel, and the retry of a request that a reused connection
+//! turned out to be closed for: an idle connection the upstream has closed is noticed before
+//! use, and one closed just as the request went out is retried when the request has no body
+//! and its method is idempotent (RFC 9110 §9.2.2), so sending it again is safe.
 
 use std::collections::VecDeque;
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use tower::ServiceExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
+use super::h1::{self, ChunkedDecoder, Decoded, ParseError, RequestFraming, ResponseFraming};
 use crate::server::workers;
 
-/// How many times a request that a reused connection refused is tried on another one before
-/// the pool opens a new connection for it.
+/// How many times a request that a reused connection turned out to be closed for is tried on
+/// another idle one before the pool opens a new connection for it.
 const REUSE_ATTEMPTS: usize = 4;
+
+/// Room made in a connection's read buffer before each read.
+const READ_SIZE: usize = 16 * 1024;
+
+/// A request body's first bytes up to this size go out in the same write as its head.
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// A connection to the upstream, plain or TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One keep-alive connection and its buffers.
+struct Conn {
+    io: Io,
+    /// Bytes read from the upstream and not yet consumed.
+    buffer: BytesMut,
+    /// What is about to be written: the request head, with the start of its body.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// Whether an idle connection can still take a request: the upstream has neither closed
+    /// it nor sent anything unasked. Costs no system call while the socket has been quiet.
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match &mut self.io {
+            Io::Plain(tcp) => match tcp.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                // Readable: the end of the stream, or bytes no request asked for; either way
+                // the connection is done. A stale readiness reads as `WouldBlock`.
+                Poll::Ready(Ok(())) => matches!(
+                    tcp.try_read(&mut [0u8; 1]),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock
+                ),
+            },
+            // TLS may carry records that are not data (a session ticket): let rustls read them.
+            Io::Tls(tls) => {
+                let mut byte = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut byte);
+                Pin::new(&mut **tls)
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
+        }
+    }
+
+    /// Writes the request (`self.out` holds its head) and reads the answer's head.
+    async fn exchange(
+        &mut self,
+        body: &mut Incoming,
+        framing: RequestFraming,
+    ) -> Result<h1::ResponseHead, SendError> {
+        self.write_request(body, framing).await?;
+        self.read_head().await
+    }
+
+    async fn write_request(
+        &mut self,
+        body: &mut Incoming,
+        framing: RequestFraming,
+    ) -> Result<(), SendError> {
+        let chunked = framing == RequestFraming::Chunked;
+        if matches!(framing, RequestFraming::Length(length) if length > 0) || chunked {
+            let mut head_sent = false;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(SendError::Body)?;
+                // Trailers are not forwarded (hyper's client did not either).
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    h1::chunk_size_line(&mut self.out, data.len());
+                }
+                if data.len() <= COALESCE_BYTES {
+                    self.out.extend_from_slice(&data);
+                } else {
+                    self.io
+                        .write_all(&self.out)
+                        .await
+                        .map_err(SendError::Stale)?;
+                    self.out.clear();
+                    self.io.write_all(&data).await.map_err(SendError::Stale)?;
+                }
+                if chunked {
+                    self.out.extend_from_slice(b"\r\n");
+                }
+                if !head_sent || self.out.len() >= COALESCE_BYTES {
+                    self.io
+                        .write_all(&self.out)
+                        .await
+                        .map_err(SendError::Stale)?;
+                    self.out.clear();
+                    head_sent = true;
+                }
+            }
+            if chunked {
+                self.out.extend_from_slice(h1::LAST_CHUNK);
+            }
+        }
+        self.io
+            .write_all(&self.out)
+            .await
+            .map_err(SendError::Stale)?;
+        self.out.clear();
+        self.io.flush().await.map_err(SendError::Stale)
+    }
+
+    /// Reads until an answer head (informational answers other than 101 are skipped).
+    async fn read_head(&mut self) -> Result<h1::ResponseHead, SendError> {
+        let mut received = false;
+        loop {
+            if !self.buffer.is_empty() {
+                received = true;
+                if let Some(head) = h1::parse_response_head(&mut self.buffer)? {
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        continue;
+                    }
+                    return Ok(head);
+                }
+            }
+            self.buffer.reserve(READ_SIZE);
+            match self.io.read_buf(&mut self.buffer).await {
+                Ok(0) if !received => return Err(SendError::Closed),
+                Ok(0) => return Err(SendError::ClosedMidHead),
+                Ok(_) => {}
+                Err(err) if !received => return Err(SendError::Stale(err)),
+                Err(err) => return Err(SendError::Io(err)),
+            }
+        }
+    }
+}
 
 /// A connection waiting for its next request.
 struct Idle {
-    sender: SendRequest<Incoming>,
+    conn: Conn,
     since: Instant,
 }
 
+/// Where the upstream is, and how to speak to it.
 struct Inner {
-    connector: HttpsConnector<HttpConnector>,
-    /// Scheme and authority of the upstream: what the connector dials.
-    origin: Uri,
+    /// Host name or address as `TcpStream::connect` takes it (no brackets).
+    host: String,
+    port: u16,
+    /// TLS to the upstream, for an `https` URL.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    connect_timeout: Duration,
     idle_timeout: Duration,
-    /// One stack per worker lane ([`crate::server::workers`]): a connection's task runs on
-    /// the worker that opened it, so it is lent only to requests on that worker. Oldest at
-    /// the front, most recently used at the back.
+    /// One stack per worker lane ([`crate::server::workers`]): a socket is registered with
+    /// the worker that opened it, so it is lent only to requests on that worker. Oldest at the
+    /// front, most recently used at the back.
     idle: Box<[Mutex<VecDeque<Idle>>]>,
 }
 
@@ -53,125 +245,218 @@ struct Inner {
 #[derive(Clone)]
 pub struct Pool(Arc<Inner>);
 
-/// Why a request could not be sent.
+/// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("cannot connect to the upstream: {0}")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("upstream connection closed before an answer")]
+    Closed,
+    /// Failed before the upstream sent anything: on a reused connection, a sign that it had
+    /// closed the connection as the request went out.
     #[error("upstream connection failed: {0}")]
-    Http(#[source] hyper::Error),
+    Stale(#[source] io::Error),
+    #[error("upstream connection closed in the middle of the answer head")]
+    ClosedMidHead,
+    #[error("upstream connection failed: {0}")]
+    Io(#[source] io::Error),
+    #[error("bad upstream answer: {0}")]
+    Parse(#[from] ParseError),
+    #[error("the client's request body failed: {0}")]
+    Body(#[source] hyper::Error),
+}
+
+impl SendError {
+    /// The connection was found closed before anything came back.
+    fn is_stale(&self) -> bool {
+        matches!(self, SendError::Closed | SendError::Stale(_))
+    }
+}
+
+/// Methods whose request may be sent twice with the effect of once (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 impl Pool {
+    /// A pool for the upstream at `url` (`http` or `https`; for `https`, `tls` is used).
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
-        origin: Uri,
+        url: &Uri,
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
         idle_timeout: Duration,
-    ) -> Pool {
-        Pool(Arc::new(Inner {
-            connector,
-            origin,
+    ) -> anyhow::Result<Pool> {
+        let https = url.scheme_str() == Some("https");
+        let host = url
+            .host()
+            .ok_or_else(|| anyhow::anyhow!("upstream.url has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = match https {
+            false => None,
+            true => {
+                let mut tls = tls;
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|err| anyhow::anyhow!("upstream.url: {host}: {err}"))?;
+                Some((tokio_rustls::TlsConnector::from(Arc::new(tls)), name))
+            }
+        };
+        Ok(Pool(Arc::new(Inner {
+            host,
+            port,
+            tls,
+            connect_timeout,
             idle_timeout,
             idle: (0..workers::lanes())
                 .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
-        }))
+        })))
     }
 
-    /// Sends `request` (origin-form target, `Host` set) on an idle connection or a new one.
-    /// The answer's body gives the connection back to the pool once read to its end.
+    /// Sends `request` (origin-form target, `Host` set, hop-by-hop headers gone) on an idle
+    /// connection or a new one. The answer's body gives the connection back to the pool once
+    /// read to its end.
     pub async fn send(
         &self,
-        mut request: Request<Incoming>,
-    ) -> Result<Response<PooledBody>, SendError> {
+        request: Request<Incoming>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let (parts, mut body) = request.into_parts();
+        let framing = RequestFraming::of(
+            &parts.method,
+            &parts.headers,
+            body.is_end_stream(),
+            body.size_hint().exact(),
+        );
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let resendable = matches!(framing, RequestFraming::None | RequestFraming::Length(0))
+            && is_idempotent(&parts.method);
         let mut reused_attempts = 0;
         loop {
-            // After a few refusals the request gets a new connection, and the idle ones are
-            // left in the pool for others.
+            // After a few closed ones the request gets a new connection.
             let idle = if reused_attempts < REUSE_ATTEMPTS {
-                self.take_idle().await
+                self.take_idle()
             } else {
                 None
             };
-            let (mut sender, reused) = match idle {
-                Some(sender) => (sender, true),
+            let (mut conn, reused) = match idle {
+                Some(conn) => (conn, true),
                 // Boxed: connecting (TCP, maybe TLS) is rare and its future is large; inline,
                 // it would be part of every request's future and be copied with it.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.lease(sender, response)),
-                Err(mut err) => match err.take_message() {
-                    // Never written to the connection: safe to send elsewhere.
-                    Some(unsent) if reused => {
-                        tracing::debug!(cause = %err.error(), "idle upstream connection refused a request; trying another");
-                        reused_attempts += 1;
-                        request = unsent;
-                    }
-                    _ => return Err(SendError::Http(err.into_error())),
-                },
+            h1::encode_request_head(
+                &mut conn.out,
+                &parts.method,
+                target,
+                &parts.headers,
+                framing,
+            );
+            match conn.exchange(&mut body, framing).await {
+                Ok(head) => return self.answer(conn, &parts.method, head),
+                Err(err) if reused && resendable && err.is_stale() => {
+                    tracing::debug!(cause = %err, "reused upstream connection was closed; sending again");
+                    reused_attempts += 1;
+                }
+                Err(err) => return Err(err),
             }
         }
+    }
+
+    /// The answer, with a body that reads the rest from `conn`.
+    fn answer(
+        &self,
+        conn: Conn,
+        method: &Method,
+        head: h1::ResponseHead,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let framing = ResponseFraming::of(method, &head)?;
+        let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
+        let reusable = !switching && framing != ResponseFraming::UntilClose && head.keeps_alive();
+        let mut body = UpstreamBody {
+            state: BodyState::Done,
+            lease: None,
+            upgraded: None,
+        };
+        if switching {
+            // The connection belongs to the tunnel from now on.
+            body.upgraded = Some(Upgraded(conn));
+        } else {
+            body.lease = Some(Lease {
+                conn,
+                pool: self.clone(),
+                reusable,
+            });
+            body.state = match framing {
+                ResponseFraming::None | ResponseFraming::Length(0) => BodyState::Done,
+                ResponseFraming::Length(length) => BodyState::Length(length),
+                ResponseFraming::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+                ResponseFraming::UntilClose => BodyState::UntilClose,
+            };
+            if matches!(body.state, BodyState::Done) {
+                body.finish();
+            }
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
     }
 
     /// The most recently used idle connection that can take a request, if any.
-    async fn take_idle(&self) -> Option<SendRequest<Incoming>> {
-        loop {
-            let idle = self.lane().lock().expect("pool lock").pop_back()?;
-            if idle.sender.is_closed() || idle.since.elapsed() > self.0.idle_timeout {
-                continue;
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = self.lane().lock().expect("pool lock");
+        while let Some(Idle { mut conn, since }) = idle.pop_back() {
+            if since.elapsed() > self.0.idle_timeout {
+                // The rest are older still.
+                idle.clear();
+                return None;
             }
-            let mut sender = idle.sender;
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            // Given back when its last body was read; the connection's task may not have
-            // caught up yet. It becomes ready, or closed if the upstream ends the connection.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            if conn.is_open() {
+                return Some(conn);
             }
         }
+        None
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, SendError> {
-        let io = self
-            .0
-            .connector
-            .clone()
-            .oneshot(self.0.origin.clone())
-            .await
-            .map_err(SendError::Connect)?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(SendError::Http)?;
-        tokio::spawn(async move {
-            // `with_upgrades`: a WebSocket answer hands the connection over to the tunnel.
-            if let Err(err) = connection.with_upgrades().await {
-                tracing::debug!(cause = %err, "upstream connection ended with an error");
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let inner = &self.0;
+        let connect = TcpStream::connect((inner.host.as_str(), inner.port));
+        let tcp = match tokio::time::timeout(inner.connect_timeout, connect).await {
+            Err(_) => {
+                return Err(SendError::Connect(
+                    format!("no connection within {:?}", inner.connect_timeout).into(),
+                ))
             }
-        });
-        Ok(sender)
-    }
-
-    /// Wraps the answer so that its connection returns to the pool after its body.
-    fn lease(
-        &self,
-        sender: SendRequest<Incoming>,
-        response: Response<Incoming>,
-    ) -> Response<PooledBody> {
-        // A switched connection belongs to the tunnel from now on.
-        let reusable = response.status() != StatusCode::SWITCHING_PROTOCOLS;
-        let mut lease = reusable.then(|| Lease {
-            sender,
-            pool: self.clone(),
-        });
-        if response.body().is_end_stream() {
-            if let Some(lease) = lease.take() {
-                lease.release();
-            }
+            Ok(Err(err)) => return Err(SendError::Connect(Box::new(err))),
+            Ok(Ok(tcp)) => tcp,
+        };
+        // Nagle's algorithm plus delayed ACKs costs ~40 ms per small request on keep-alive
+        // connections.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(cause = %err, "cannot set TCP_NODELAY upstream");
         }
-        response.map(|inner| PooledBody { inner, lease })
+        let io = match &inner.tls {
+            None => Io::Plain(tcp),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|err| SendError::Connect(Box::new(err)))?;
+                Io::Tls(Box::new(tls))
+            }
+        };
+        Ok(Conn {
+            io,
+            buffer: BytesMut::with_capacity(READ_SIZE),
+            out: Vec::with_capacity(1024),
+        })
     }
 
     /// The idle connections of the calling thread's worker.
@@ -179,7 +464,7 @@ impl Pool {
         &self.0.idle[workers::lane() % self.0.idle.len()]
     }
 
-    fn put(&self, sender: SendRequest<Incoming>) {
+    fn put(&self, conn: Conn) {
         let now = Instant::now();
         let mut idle = self.lane().lock().expect("pool lock");
         // The oldest are at the front: drop those that have waited too long.
@@ -189,73 +474,143 @@ impl Pool {
         {
             idle.pop_front();
         }
-        idle.push_back(Idle { sender, since: now });
+        idle.push_back(Idle { conn, since: now });
     }
 }
 
 /// A connection lent to one answer.
 struct Lease {
-    sender: SendRequest<Incoming>,
+    conn: Conn,
     pool: Pool,
+    /// The upstream keeps the connection open after this answer.
+    reusable: bool,
 }
 
-impl Lease {
-    fn release(self) {
-        if !self.sender.is_closed() {
-            self.pool.put(self.sender);
-        }
-    }
+/// What is left of an answer's body.
+enum BodyState {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
 }
 
-/// The upstream's answer body; gives its connection back to the pool once read to its end.
-/// Dropped before that, the connection is not reused (hyper closes it: the rest of the body
-/// is still on the wire).
-pub struct PooledBody {
-    inner: Incoming,
+/// The upstream's answer body, read from its connection as hyper's server side asks for it.
+/// Read to its end, it gives the connection back to the pool; dropped before that, it closes
+/// the connection (the rest of the body is still on the wire).
+pub struct UpstreamBody {
+    state: BodyState,
     lease: Option<Lease>,
+    upgraded: Option<Upgraded>,
 }
 
-impl PooledBody {
-    fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
-        }
+/// The upstream connection of a `101 Switching Protocols` answer, for the tunnel.
+pub struct Upgraded(Conn);
+
+impl Upgraded {
+    /// The connection, and what the upstream sent after the 101 head.
+    pub fn into_parts(self) -> (Io, Bytes) {
+        (self.0.io, self.0.buffer.freeze())
     }
 }
 
-impl Body for PooledBody {
+impl UpstreamBody {
+    /// The upstream connection of a `101` answer (once).
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        self.upgraded.take()
+    }
+
+    /// The body is complete: the connection goes back to the pool if it can be reused and
+    /// nothing unasked is left in its buffer.
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(lease) = self.lease.take() {
+            if lease.reusable && lease.conn.buffer.is_empty() {
+                lease.pool.put(lease.conn);
+            }
+        }
+    }
+
+    /// The body cannot be completed: the connection is closed.
+    fn fail(&mut self, err: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.state = BodyState::Done;
+        self.lease = None;
+        Poll::Ready(Some(Err(err)))
+    }
+}
+
+impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        match &poll {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.lease = None,
-            _ => {}
+        loop {
+            let Some(lease) = this.lease.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buffer = &mut lease.conn.buffer;
+            match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(remaining) if !buffer.is_empty() => {
+                    let take =
+                        usize::try_from(*remaining).map_or(buffer.len(), |r| r.min(buffer.len()));
+                    let data = buffer.split_to(take).freeze();
+                    *remaining -= take as u64;
+                    if *remaining == 0 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Chunked(decoder) if !buffer.is_empty() => match decoder.decode(buffer) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => {}
+                    Err(err) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, err)),
+                },
+                BodyState::UntilClose if !buffer.is_empty() => {
+                    return Poll::Ready(Some(Ok(Frame::data(buffer.split().freeze()))));
+                }
+                _ => {}
+            }
+            let conn = &mut lease.conn;
+            conn.buffer.reserve(READ_SIZE);
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut conn.buffer
+            )) {
+                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
+                    this.state = BodyState::Done;
+                    this.lease = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "upstream closed the connection in the middle of the body",
+                    ))
+                }
+                Ok(_) => {}
+                Err(err) => return this.fail(err),
+            }
         }
-        poll
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        matches!(self.state, BodyState::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // hyper's server does not poll a body that says it has ended.
-        if self.inner.is_end_stream() {
-            self.release();
+        match self.state {
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Length(remaining) => SizeHint::with_exact(remaining),
+            _ => SizeHint::default(),
         }
     }
 }

@@ -1,0 +1,601 @@
+//! HTTP/1.1 on the upstream leg, written and read by the gateway itself: the request head
+//! encoded into one buffer, the answer's head parsed by `httparse`, and the answer's body
+//! framing (RFC 9112 §6) decoded as it streams through.
+//!
+//! Why not hyper's client: on the cached path its connection task (a second task per request,
+//! a channel each way, its own header map encoding and decoding) cost as much as everything
+//! else the gateway does. The upstream is one server the operator chose, the request head is
+//! one the gateway has already parsed and rewritten, and the answer is handed to hyper's server
+//! side as an ordinary `Response`, so what is needed here is small: encode, parse, frame.
+//! Everything unusual is refused as a bad upstream answer (502) rather than guessed at.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::{Method, StatusCode, Version};
+
+/// The most header bytes an upstream answer may carry (nginx's `proxy_buffer_size` is 4–8 KiB
+/// by default; hyper's client allowed about 400 KiB).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The most header lines an upstream answer may carry (hyper's client allowed 100).
+pub const MAX_HEADERS: usize = 128;
+
+/// The longest chunk-size line (with extensions) and the most trailer bytes accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// Why an upstream answer cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("malformed answer head: {0}")]
+    Head(httparse::Error),
+    #[error("answer head over {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("answer with an invalid header")]
+    Header,
+    #[error("answer with an invalid or conflicting Content-Length")]
+    ContentLength,
+    #[error("answer with both Transfer-Encoding and Content-Length")]
+    Ambiguous,
+    #[error("malformed chunked body")]
+    Chunked,
+}
+
+/// How the request's body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body, and no `Content-Length` either.
+    None,
+    /// A body of exactly this many bytes (`Content-Length`), possibly zero.
+    Length(u64),
+    /// A body of unknown length (the client sent it chunked, or HTTP/2 without a length).
+    Chunked,
+}
+
+impl RequestFraming {
+    /// The framing of a body that hyper's server side describes by `end_stream` (nothing to
+    /// come) and `exact` (its size hint, when the client said it). Methods that define a body
+    /// get `Content-Length: 0` for an empty one, as hyper's client did; a client's explicit
+    /// `Content-Length: 0` is kept.
+    pub fn of(method: &Method, headers: &HeaderMap, end_stream: bool, exact: Option<u64>) -> Self {
+        match (end_stream, exact) {
+            (true, _) | (false, Some(0)) => {
+                let defines_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+                if defines_body || headers.contains_key(CONTENT_LENGTH) {
+                    RequestFraming::Length(0)
+                } else {
+                    RequestFraming::None
+                }
+            }
+            (false, Some(length)) => RequestFraming::Length(length),
+            (false, None) => RequestFraming::Chunked,
+        }
+    }
+}
+
+/// Writes the request head: request line, the headers as they are (less any
+/// `Content-Length` or `Transfer-Encoding`, which `framing` alone decides), blank line.
+pub fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(length) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The size line that starts a chunk of `length` bytes.
+pub fn chunk_size_line(out: &mut Vec<u8>, length: usize) {
+    use std::io::Write;
+    // Writing to a `Vec` cannot fail.
+    let _ = write!(out, "{length:x}\r\n");
+}
+
+/// The end of a chunked body: the last chunk and no trailers.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// An answer's head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+impl ResponseHead {
+    /// Whether the upstream keeps the connection open after this answer.
+    pub fn keeps_alive(&self) -> bool {
+        self.version == Version::HTTP_11
+            && !self
+                .headers
+                .get_all(CONNECTION)
+                .iter()
+                .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+    }
+}
+
+/// Parses an answer head from the front of `buffer` and removes it; `None` while it is
+/// incomplete. Header values share the head's bytes rather than being copied one by one.
+pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, ParseError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let length = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD_BYTES => {
+            return Err(ParseError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::HeadTooLarge),
+        Err(err) => return Err(ParseError::Head(err)),
+    };
+    if length > MAX_HEAD_BYTES {
+        return Err(ParseError::HeadTooLarge);
+    }
+    let status = parsed
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(ParseError::Head(httparse::Error::Status))?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let base = buffer.as_ptr() as usize;
+    let mut names = Vec::with_capacity(parsed.headers.len());
+    for header in parsed.headers.iter() {
+        let name =
+            HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| ParseError::Header)?;
+        let start = header.value.as_ptr() as usize - base;
+        names.push((name, start..start + header.value.len()));
+    }
+    let head = buffer.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(names.len());
+    for (name, range) in names {
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(range)).map_err(|_| ParseError::Header)?;
+        headers.append(name, value);
+    }
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How an answer's body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body: an answer to `HEAD`, or 1xx, 204, 304.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+impl ResponseFraming {
+    pub fn of(method: &Method, head: &ResponseHead) -> Result<Self, ParseError> {
+        let status = head.status;
+        if *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(ResponseFraming::None);
+        }
+        let headers = &head.headers;
+        if let Some(last) = headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            if headers.contains_key(CONTENT_LENGTH) {
+                return Err(ParseError::Ambiguous);
+            }
+            let chunked = last
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            return Ok(if chunked {
+                ResponseFraming::Chunked
+            } else {
+                ResponseFraming::UntilClose
+            });
+        }
+        let mut length = None;
+        for value in headers.get_all(CONTENT_LENGTH) {
+            // A list of identical values (`5, 5`) is one length (RFC 9112 §6.3 item 5).
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let item = item.trim_ascii();
+                if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
+                    return Err(ParseError::ContentLength);
+                }
+                let parsed: u64 = std::str::from_utf8(item)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .ok_or(ParseError::ContentLength)?;
+                if length.is_some_and(|seen| seen != parsed) {
+                    return Err(ParseError::ContentLength);
+                }
+                length = Some(parsed);
+            }
+        }
+        Ok(length.map_or(ResponseFraming::UntilClose, ResponseFraming::Length))
+    }
+}
+
+/// What the chunked decoder found in the bytes it has.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The body is complete (last chunk and trailers read).
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+    Done,
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1) from a buffer that fills as bytes arrive. Chunk
+/// extensions and trailers are read and dropped.
+#[derive(Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+        }
+    }
+}
+
+/// The line at the front of `buffer`, without its CRLF, once it is complete.
+fn take_line(buffer: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, ParseError> {
+    match memchr::memchr(b'\n', buffer) {
+        Some(end) => {
+            let mut line = buffer.split_to(end + 1);
+            if end == 0 || line[end - 1] != b'\r' {
+                return Err(ParseError::Chunked);
+            }
+            line.truncate(end - 1);
+            Ok(Some(line))
+        }
+        None if buffer.len() > limit => Err(ParseError::Chunked),
+        None => Ok(None),
+    }
+}
+
+/// The chunk size at the start of a size line; extensions (`;name=value`) are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = line[digits..].trim_ascii_start();
+    if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
+        return Err(ParseError::Chunked);
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| ParseError::Chunked)?;
+    u64::from_str_radix(text, 16).map_err(|_| ParseError::Chunked)
+}
+
+impl ChunkedDecoder {
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, ParseError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buffer, MAX_CHUNK_LINE)? else {
+                        return Ok(Decoded::More);
+                    };
+                    self.state = match chunk_size(&line)? {
+                        0 => ChunkState::Trailers(0),
+                        size => ChunkState::Data(size),
+                    };
+                }
+                ChunkState::Data(remaining) => {
+                    if buffer.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take =
+                        usize::try_from(remaining).map_or(buffer.len(), |r| r.min(buffer.len()));
+                    let left = remaining - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(buffer.split_to(take).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(ParseError::Chunked);
+                    }
+                    buffer.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers(seen) => {
+                    let Some(line) = take_line(buffer, MAX_TRAILER_BYTES - seen)? else {
+                        return Ok(Decoded::More);
+                    };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let seen = seen + line.len() + 2;
+                    if seen > MAX_TRAILER_BYTES {
+                        return Err(ParseError::Chunked);
+                    }
+                    self.state = ChunkState::Trailers(seen);
+                }
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn head(text: &str) -> Result<Option<ResponseHead>, ParseError> {
+        parse_response_head(&mut BytesMut::from(text))
+    }
+
+    #[test]
+    fn the_request_head_carries_the_headers_and_the_framing_it_was_given() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("app"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        headers.insert("content-length", HeaderValue::from_static("999"));
+        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let mut out = Vec::new();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            "/p?q=1",
+            &headers,
+            RequestFraming::Length(5),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: app\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 5\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_request_head(
+            &mut out,
+            &Method::PUT,
+            "/",
+            &headers,
+            RequestFraming::Chunked,
+        );
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("x-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn request_framing_follows_the_body_and_the_method() {
+        let none = HeaderMap::new();
+        let mut with_length = HeaderMap::new();
+        with_length.insert("content-length", HeaderValue::from_static("0"));
+        let of = RequestFraming::of;
+        assert_eq!(of(&Method::GET, &none, true, Some(0)), RequestFraming::None);
+        assert_eq!(
+            of(&Method::GET, &with_length, true, Some(0)),
+            RequestFraming::Length(0)
+        );
+        assert_eq!(
+            of(&Method::POST, &none, true, Some(0)),
+            RequestFraming::Length(0)
+        );
+        assert_eq!(
+            of(&Method::POST, &none, false, Some(7)),
+            RequestFraming::Length(7)
+        );
+        assert_eq!(
+            of(&Method::POST, &none, false, None),
+            RequestFraming::Chunked
+        );
+    }
+
+    #[test]
+    fn an_answer_head_is_parsed_and_removed_from_the_buffer() {
+        let mut buffer = BytesMut::from(
+            "HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nokNEXT",
+        );
+        let head = parse_response_head(&mut buffer).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&buffer[..], b"okNEXT");
+        assert!(head.keeps_alive());
+        assert_eq!(
+            ResponseFraming::of(&Method::GET, &head),
+            Ok(ResponseFraming::Length(2))
+        );
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_and_an_endless_one_is_refused() {
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+        let endless = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(head(&endless).unwrap_err(), ParseError::HeadTooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let many = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert_eq!(head(&many).unwrap_err(), ParseError::HeadTooLarge);
+        assert!(matches!(
+            head("HTTP/1.1 2xx OK\r\n\r\n"),
+            Err(ParseError::Head(_))
+        ));
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\nbad name: 1\r\n\r\n"),
+            Err(ParseError::Head(_))
+        ));
+    }
+
+    #[test]
+    fn keep_alive_needs_http_1_1_and_no_close() {
+        let http10 = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(!http10.keeps_alive());
+        let close = head("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!close.keeps_alive());
+    }
+
+    fn framing(method: Method, text: &str) -> Result<ResponseFraming, ParseError> {
+        ResponseFraming::of(&method, &head(text).unwrap().unwrap())
+    }
+
+    #[test]
+    fn the_answer_framing_follows_rfc_9112() {
+        use ResponseFraming::*;
+        let get = || Method::GET;
+        assert_eq!(
+            framing(Method::HEAD, "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"),
+            Ok(None)
+        );
+        assert_eq!(framing(get(), "HTTP/1.1 204 No Content\r\n\r\n"), Ok(None));
+        assert_eq!(
+            framing(
+                get(),
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"
+            ),
+            Ok(None)
+        );
+        assert_eq!(
+            framing(
+                get(),
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            ),
+            Ok(Chunked)
+        );
+        assert_eq!(
+            framing(get(), "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Ok(UntilClose)
+        );
+        assert_eq!(framing(get(), "HTTP/1.1 200 OK\r\n\r\n"), Ok(UntilClose));
+        assert_eq!(
+            framing(get(), "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            Ok(Length(5))
+        );
+        for bad in ["5, 6", "-1", "+5", "", "0x5", "99999999999999999999"] {
+            let text = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(
+                framing(get(), &text),
+                Err(ParseError::ContentLength),
+                "{bad:?}"
+            );
+        }
+        let both = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(framing(get(), both), Err(ParseError::Ambiguous));
+    }
+
+    /// Decodes `wire` fed in pieces of `step` bytes; the data, and the bytes left after the end.
+    fn decode_in_steps(wire: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>), ParseError> {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buffer = BytesMut::new();
+        let mut data = Vec::new();
+        let mut fed = 0;
+        loop {
+            match decoder.decode(&mut buffer)? {
+                Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                Decoded::End => return Ok((data, buffer.to_vec())),
+                Decoded::More if fed < wire.len() => {
+                    let end = (fed + step).min(wire.len());
+                    buffer.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+                Decoded::More => return Err(ParseError::Chunked),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let wire = b"5;name=value\r\nhello\r\n6 ; x\r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let (data, rest) = decode_in_steps(wire, wire.len()).unwrap();
+        assert_eq!(data, b"hello world");
+        assert_eq!(rest, b"NEXT");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for wire in [
+            &b"x\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+            b"\r\n",
+        ] {
+            assert_eq!(
+                decode_in_steps(wire, 3),
+                Err(ParseError::Chunked),
+                "{wire:?}"
+            );
+        }
+        let long_line = vec![b'1'; MAX_CHUNK_LINE + 2];
+        assert_eq!(decode_in_steps(&long_line, 512), Err(ParseError::Chunked));
+        let mut endless_trailers = b"0\r\n".to_vec();
+        endless_trailers.extend(std::iter::repeat_n(&b"x: 1\r\n"[..], 4000).flatten());
+        assert_eq!(
+            decode_in_steps(&endless_trailers, 512),
+            Err(ParseError::Chunked)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_bodies_decode_the_same_however_they_arrive(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            step in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for chunk in &chunks {
+                chunk_size_line(&mut wire, chunk.len());
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(LAST_CHUNK);
+            let (data, rest) = decode_in_steps(&wire, step).unwrap();
+            prop_assert_eq!(data, chunks.concat());
+            prop_assert!(rest.is_empty());
+        }
+    }
+}
