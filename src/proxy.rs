@@ -19,15 +19,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use crate::auth::token::{Token, X_AUTH_TOKEN};
+use crate::auth::token::Token;
 use crate::config::{TokenConfig, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::iam::UserFacts;
@@ -111,7 +111,7 @@ impl Upstream {
     /// The upstream request's target for the normalised `path` and the client's query. When
     /// normalising changed nothing (the common case), the client's path-and-query is reused as
     /// it is (already validated by hyper, shared rather than copied); else one string is built.
-    fn target(&self, path: &str, original: &Uri) -> Result<Uri, GatewayError> {
+    fn target(&self, path: &str, original: &Uri) -> Result<PathAndQuery, GatewayError> {
         let unusable = |_| GatewayError::bad_request("request target cannot be forwarded");
         let path_and_query = match original.path_and_query() {
             Some(pq) if pq.path() == path => pq.clone(),
@@ -127,53 +127,50 @@ impl Upstream {
             },
         };
         // Origin-form (`/path?query`): what an HTTP/1.1 request to an origin server carries.
-        Ok(Uri::from(path_and_query))
+        Ok(path_and_query)
     }
 
-    /// Rewrites the client's request into the upstream's.
-    fn prepare(
+    /// The upstream request's head, written in one buffer: the client's end-to-end headers
+    /// as they came ([`headers::Forwardable`]), then those the gateway sets (CONTRACT §4 "Sent
+    /// upstream"). Nothing is inserted into or removed from the client's header map.
+    fn request_head(
         &self,
-        mut request: Request<Incoming>,
+        request: &Request<Incoming>,
         info: &RequestInfo,
         principal: &Principal,
         websocket: bool,
-    ) -> Result<Request<Incoming>, GatewayError> {
-        let uri = self.target(&info.path, request.uri())?;
+        framing: h1::RequestFraming,
+    ) -> Result<Vec<u8>, GatewayError> {
+        let target = self.target(&info.path, request.uri())?;
+        let client = request.headers();
         // The client's `Host` (or absolute-form authority) is kept: the app may serve several
         // names. A request without either (HTTP/1.0) names the upstream.
-        let host = request
-            .headers()
+        let host = client
             .get(HOST)
-            .cloned()
-            .or_else(|| {
-                request
-                    .uri()
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            })
-            .unwrap_or_else(|| self.authority_host.clone());
-        let headers = request.headers_mut();
-        // Room for the headers added below, so that the map grows once at most.
-        headers.reserve(12);
-        let previous_xff = headers.get(headers::X_FORWARDED_FOR).cloned();
-        headers::strip_hop_by_hop(headers, websocket);
-        headers::strip_managed(headers);
-        if !self.forward_token {
-            headers.remove(X_AUTH_TOKEN);
-            headers.remove(http::header::AUTHORIZATION);
+            .map(HeaderValue::as_bytes)
+            .or_else(|| request.uri().authority().map(|a| a.as_str().as_bytes()))
+            .unwrap_or(self.authority_host.as_bytes());
+        let mut out = Vec::with_capacity(HEAD_CAPACITY);
+        h1::request_line(&mut out, request.method(), target.as_str());
+        let forwardable = headers::Forwardable::new(client, websocket, self.forward_token);
+        for (name, value) in client {
+            if forwardable.keeps(name) {
+                h1::header(&mut out, name.as_str(), value.as_bytes());
+            }
         }
-        headers.insert(HOST, host.clone());
-        headers.insert(headers::X_FORWARDED_HOST, host);
-        headers.insert(
-            headers::X_FORWARDED_FOR,
-            headers::forwarded_for(previous_xff.as_ref(), &info.peer_ip),
+        h1::header(&mut out, "host", host);
+        h1::header(&mut out, "x-forwarded-host", host);
+        headers::write_forwarded_for(
+            &mut out,
+            client.get(headers::X_FORWARDED_FOR),
+            &info.peer_ip,
         );
-        headers.insert(
-            headers::X_FORWARDED_PROTO,
-            HeaderValue::from_static(info.proto),
-        );
-        headers.insert(headers::X_REQUEST_ID, info.request_id.clone());
-        write_identity(headers, principal);
+        h1::header(&mut out, "x-forwarded-proto", info.proto.as_bytes());
+        h1::header(&mut out, "x-request-id", info.request_id.as_bytes());
+        for (name, value) in identity_values(principal) {
+            h1::header(&mut out, name.as_str(), value.as_bytes());
+        }
+        h1::header(&mut out, "x-auth-mfa", principal.mfa.as_bytes());
         if let Some(signer) = &self.assertion {
             let identity = principal.user.as_ref().map(|user| &user.identity);
             let field = |get: fn(&crate::iam::Identity) -> &str| identity.map_or("", get);
@@ -185,16 +182,18 @@ impl Upstream {
                 mfa: principal.mfa.to_str().unwrap_or("none"),
                 request_id: info.request_id.to_str().unwrap_or_default(),
             };
-            match signer.sign(&claims).map(|jwt| HeaderValue::from_str(&jwt)) {
-                Ok(Ok(value)) => {
-                    headers.insert(headers::X_AUTH_ASSERTION, value);
+            match signer.sign(&claims) {
+                Ok(jwt) if h1::is_header_value(&jwt) => {
+                    h1::header(&mut out, "x-auth-assertion", jwt.as_bytes());
                 }
                 _ => return Err(GatewayError::Internal("cannot sign the identity assertion")),
             }
         }
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        Ok(request)
+        if websocket {
+            h1::header(&mut out, "connection", b"upgrade");
+        }
+        h1::end_head(&mut out, framing);
+        Ok(out)
     }
 
     /// Forwards the request and streams the answer back.
@@ -206,10 +205,23 @@ impl Upstream {
     ) -> Result<Response<Body>, GatewayError> {
         let websocket = headers::is_websocket_upgrade(request.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
-        let outgoing = self.prepare(request, info, principal, websocket)?;
+        let framing = h1::RequestFraming::of(
+            request.method(),
+            request.headers(),
+            request.body().is_end_stream(),
+            request.body().size_hint().exact(),
+        );
+        let head = self.request_head(&request, info, principal, websocket, framing)?;
+        let (parts, body) = request.into_parts();
+        let outgoing = pool::Outgoing {
+            method: &parts.method,
+            head: &head,
+            framing,
+            websocket,
+        };
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.pool.send(outgoing)).await;
+        let result = tokio::time::timeout(self.timeout, self.pool.send(outgoing, body)).await;
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
@@ -226,13 +238,13 @@ impl Upstream {
         };
         self.count(status_class(response.status()));
 
+        // The answer's hop-by-hop headers were left out as it was parsed.
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upgraded = response.body_mut().take_upgraded();
         if let (true, Some(client_upgrade), Some(upgraded)) = (switching, client_upgrade, upgraded)
         {
             tokio::spawn(tunnel(client_upgrade, upgraded));
         }
-        headers::strip_hop_by_hop(response.headers_mut(), switching && websocket);
         Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
     }
 
@@ -241,6 +253,9 @@ impl Upstream {
         self.metrics.upstream_responses_by_class[class].inc();
     }
 }
+
+/// Room for a typical upstream request head, so that writing it allocates once.
+const HEAD_CAPACITY: usize = 1024;
 
 /// How long an upstream connection may sit idle in the pool before it is closed (nginx
 /// closes its side after 75 s by default; hyper-util's client used 90 s).
@@ -329,25 +344,31 @@ impl tower::Service<Request<Incoming>> for ProxyService {
     }
 }
 
-/// Writes the identity headers of CONTRACT §4 for a principal. The client's copies must have
-/// been removed before ([`headers::strip_managed`]).
+/// The identity headers of CONTRACT §4 a principal carries (`X-Auth-Mfa` aside). Values come
+/// from the IAM; one that is empty (CloudSSO has no domain name) or not a valid header value is
+/// left out rather than forwarded mangled.
+fn identity_values(principal: &Principal) -> impl Iterator<Item = (HeaderName, &str)> {
+    principal
+        .user
+        .iter()
+        .flat_map(|user| {
+            let identity = &user.identity;
+            [
+                (headers::X_AUTH_USER_ID, identity.user_id()),
+                (headers::X_AUTH_USER_NAME, identity.user_name()),
+                (headers::X_AUTH_DOMAIN_ID, identity.domain_id()),
+                (headers::X_AUTH_DOMAIN_NAME, identity.domain_name()),
+            ]
+        })
+        .filter(|(_, value)| !value.is_empty() && h1::is_header_value(value))
+}
+
+/// Writes the identity headers of CONTRACT §4 for a principal into a header map (the decision
+/// endpoint's answer).
 pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
-    if let Some(user) = &principal.user {
-        let identity = &user.identity;
-        for (name, value) in [
-            (headers::X_AUTH_USER_ID, identity.user_id()),
-            (headers::X_AUTH_USER_NAME, identity.user_name()),
-            (headers::X_AUTH_DOMAIN_ID, identity.domain_id()),
-            (headers::X_AUTH_DOMAIN_NAME, identity.domain_name()),
-        ] {
-            // Values come from the IAM; one that is empty (CloudSSO has no domain name) or
-            // not a valid header value is left out rather than forwarded mangled.
-            if value.is_empty() {
-                continue;
-            }
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(name, value);
-            }
+    for (name, value) in identity_values(principal) {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
         }
     }
     headers.insert(headers::X_AUTH_MFA, principal.mfa.clone());

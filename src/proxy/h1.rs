@@ -73,36 +73,43 @@ impl RequestFraming {
     }
 }
 
-/// Writes the request head: request line, the headers as they are (less any
-/// `Content-Length` or `Transfer-Encoding`, which `framing` alone decides), blank line.
-pub fn encode_request_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    framing: RequestFraming,
-) {
+/// Writes the request line.
+pub fn request_line(out: &mut Vec<u8>, method: &Method, target: &str) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+}
+
+/// Writes one header line. The caller vouches for the name and value (a `HeaderName` and
+/// `HeaderValue`, or bytes checked by [`is_header_value`]).
+pub fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether `value` may be sent as a header value as it is: what `HeaderValue::from_str`
+/// accepts (no control characters other than tab).
+pub fn is_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// Ends the head: the framing header `framing` calls for, and the blank line.
+pub fn end_head(out: &mut Vec<u8>, framing: RequestFraming) {
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(length) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
-            out.extend_from_slice(b"\r\n");
+            header(
+                out,
+                "content-length",
+                itoa::Buffer::new().format(length).as_bytes(),
+            );
         }
-        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Chunked => header(out, "transfer-encoding", b"chunked"),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -122,28 +129,52 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
+    /// The end-to-end headers: hop-by-hop ones (RFC 9110 §7.6.1) and those `Connection`
+    /// names are left out as the head is parsed.
     pub headers: HeaderMap,
+    pub framing: ResponseFraming,
+    /// The upstream keeps the connection open after this answer.
+    pub keep_alive: bool,
 }
 
-impl ResponseHead {
-    /// Whether the upstream keeps the connection open after this answer.
-    pub fn keeps_alive(&self) -> bool {
-        self.version == Version::HTTP_11
-            && !self
-                .headers
-                .get_all(CONNECTION)
-                .iter()
-                .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-    }
+/// The hop-by-hop headers left out of an answer, lowercase.
+const HOP_BY_HOP: [&[u8]; 9] = [
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+];
+
+/// The comma-separated items of a header value, trimmed, empty ones left out.
+fn items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
 }
 
 /// Parses an answer head from the front of `buffer` and removes it; `None` while it is
-/// incomplete. Header values share the head's bytes rather than being copied one by one.
-pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>, ParseError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let length = match parsed.parse(buffer) {
+/// incomplete. `method` is the request's (an answer to `HEAD` has no body). With
+/// `keep_upgrade` (a WebSocket request), a 101's `Upgrade` survives and `Connection: upgrade`
+/// is set. Header values share the head's bytes rather than being copied one by one.
+pub fn parse_response_head(
+    buffer: &mut BytesMut,
+    method: &Method,
+    keep_upgrade: bool,
+) -> Result<Option<ResponseHead>, ParseError> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let length = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buffer,
+        &mut slots,
+    ) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buffer.len() > MAX_HEAD_BYTES => {
             return Err(ParseError::HeadTooLarge)
@@ -163,26 +194,97 @@ pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<ResponseHead>
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
+    // Only a switch keeps its `Upgrade` (a 426's is the upstream's business with the gateway).
+    let keep_upgrade = keep_upgrade && status == StatusCode::SWITCHING_PROTOCOLS;
+    let lines = &*parsed.headers;
+    let named = |name: &str, wanted: &[u8]| name.as_bytes().eq_ignore_ascii_case(wanted);
+
+    let mut close = false;
+    let mut connection_names = false;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    let mut content_length: Option<u64> = None;
+    for line in lines {
+        if named(line.name, b"connection") {
+            for token in items(line.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    connection_names = true;
+                }
+            }
+        } else if named(line.name, b"transfer-encoding") {
+            transfer_encoding = Some(line.value);
+        } else if named(line.name, b"content-length") {
+            // A list of identical values (`5, 5`) is one length (RFC 9112 §6.3 item 5).
+            for item in line.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let parsed = content_length_value(item)?;
+                if content_length.is_some_and(|seen| seen != parsed) {
+                    return Err(ParseError::ContentLength);
+                }
+                content_length = Some(parsed);
+            }
+        }
+    }
+    let framing = framing(method, status, transfer_encoding, content_length)?;
+
+    // Where each end-to-end header's name and value are in the head.
     let base = buffer.as_ptr() as usize;
-    let mut names = Vec::with_capacity(parsed.headers.len());
-    for header in parsed.headers.iter() {
-        let name =
-            HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| ParseError::Header)?;
-        let start = header.value.as_ptr() as usize - base;
-        names.push((name, start..start + header.value.len()));
+    let offset = |bytes: &[u8]| bytes.as_ptr() as usize - base;
+    let mut kept = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut count = 0;
+    for line in lines {
+        let hop_by_hop = HOP_BY_HOP.iter().any(|hop| named(line.name, hop));
+        let upgrade_kept = keep_upgrade && named(line.name, b"upgrade");
+        let listed = connection_names
+            && lines
+                .iter()
+                .filter(|other| named(other.name, b"connection"))
+                .flat_map(|other| items(other.value))
+                .any(|token| named(line.name, token));
+        if (hop_by_hop || listed) && !upgrade_kept {
+            continue;
+        }
+        // Head offsets fit in u32: the head is at most MAX_HEAD_BYTES.
+        kept[count] = (
+            offset(line.name.as_bytes()) as u32,
+            line.name.len() as u32,
+            offset(line.value) as u32,
+            line.value.len() as u32,
+        );
+        count += 1;
     }
     let head = buffer.split_to(length).freeze();
-    let mut headers = HeaderMap::with_capacity(names.len());
-    for (name, range) in names {
+    let mut headers = HeaderMap::with_capacity(count + usize::from(keep_upgrade));
+    for &(name_at, name_len, value_at, value_len) in &kept[..count] {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
+            .map_err(|_| ParseError::Header)?;
         let value =
-            HeaderValue::from_maybe_shared(head.slice(range)).map_err(|_| ParseError::Header)?;
+            HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
+                .map_err(|_| ParseError::Header)?;
         headers.append(name, value);
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
+        framing,
+        keep_alive: version == Version::HTTP_11 && !close,
     }))
+}
+
+/// One `Content-Length` value: digits only, no sign, no more than fit in a `u64`.
+fn content_length_value(item: &[u8]) -> Result<u64, ParseError> {
+    if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+        return Err(ParseError::ContentLength);
+    }
+    std::str::from_utf8(item)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or(ParseError::ContentLength)
 }
 
 /// How an answer's body is delimited (RFC 9112 §6.3).
@@ -196,56 +298,34 @@ pub enum ResponseFraming {
     UntilClose,
 }
 
-impl ResponseFraming {
-    pub fn of(method: &Method, head: &ResponseHead) -> Result<Self, ParseError> {
-        let status = head.status;
-        if *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            return Ok(ResponseFraming::None);
-        }
-        let headers = &head.headers;
-        if let Some(last) = headers
-            .get_all(http::header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
-            if headers.contains_key(CONTENT_LENGTH) {
-                return Err(ParseError::Ambiguous);
-            }
-            let chunked = last
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            return Ok(if chunked {
-                ResponseFraming::Chunked
-            } else {
-                ResponseFraming::UntilClose
-            });
-        }
-        let mut length = None;
-        for value in headers.get_all(CONTENT_LENGTH) {
-            // A list of identical values (`5, 5`) is one length (RFC 9112 §6.3 item 5).
-            for item in value.as_bytes().split(|&b| b == b',') {
-                let item = item.trim_ascii();
-                if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
-                    return Err(ParseError::ContentLength);
-                }
-                let parsed: u64 = std::str::from_utf8(item)
-                    .ok()
-                    .and_then(|text| text.parse().ok())
-                    .ok_or(ParseError::ContentLength)?;
-                if length.is_some_and(|seen| seen != parsed) {
-                    return Err(ParseError::ContentLength);
-                }
-                length = Some(parsed);
-            }
-        }
-        Ok(length.map_or(ResponseFraming::UntilClose, ResponseFraming::Length))
+/// The framing of an answer from its status, its last `Transfer-Encoding` and its length.
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    transfer_encoding: Option<&[u8]>,
+    content_length: Option<u64>,
+) -> Result<ResponseFraming, ParseError> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(ResponseFraming::None);
     }
+    if let Some(codings) = transfer_encoding {
+        if content_length.is_some() {
+            return Err(ParseError::Ambiguous);
+        }
+        let chunked = items(codings)
+            .next_back()
+            .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked {
+            ResponseFraming::Chunked
+        } else {
+            ResponseFraming::UntilClose
+        });
+    }
+    Ok(content_length.map_or(ResponseFraming::UntilClose, ResponseFraming::Length))
 }
 
 /// What the chunked decoder found in the bytes it has.
@@ -372,40 +452,28 @@ mod tests {
     use proptest::prelude::*;
 
     fn head(text: &str) -> Result<Option<ResponseHead>, ParseError> {
-        parse_response_head(&mut BytesMut::from(text))
+        parse_response_head(&mut BytesMut::from(text), &Method::GET, false)
     }
 
     #[test]
-    fn the_request_head_carries_the_headers_and_the_framing_it_was_given() {
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("app"));
-        headers.append("x-a", HeaderValue::from_static("1"));
-        headers.append("x-a", HeaderValue::from_static("2"));
-        headers.insert("content-length", HeaderValue::from_static("999"));
-        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    fn the_request_head_is_a_line_headers_and_the_framing() {
         let mut out = Vec::new();
-        encode_request_head(
-            &mut out,
-            &Method::POST,
-            "/p?q=1",
-            &headers,
-            RequestFraming::Length(5),
-        );
+        request_line(&mut out, &Method::POST, "/p?q=1");
+        header(&mut out, "host", b"app");
+        end_head(&mut out, RequestFraming::Length(5));
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /p?q=1 HTTP/1.1\r\nhost: app\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 5\r\n\r\n"
+            "POST /p?q=1 HTTP/1.1\r\nhost: app\r\ncontent-length: 5\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_request_head(
-            &mut out,
-            &Method::PUT,
-            "/",
-            &headers,
-            RequestFraming::Chunked,
-        );
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .ends_with("x-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"));
+        end_head(&mut out, RequestFraming::Chunked);
+        assert_eq!(out, b"transfer-encoding: chunked\r\n\r\n");
+        let mut out = Vec::new();
+        end_head(&mut out, RequestFraming::None);
+        assert_eq!(out, b"\r\n");
+        assert!(is_header_value("caf\u{e9} \tok"));
+        assert!(!is_header_value("bad\nname"));
+        assert!(!is_header_value("del\u{7f}"));
     }
 
     #[test]
@@ -438,16 +506,52 @@ mod tests {
         let mut buffer = BytesMut::from(
             "HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nokNEXT",
         );
-        let head = parse_response_head(&mut buffer).unwrap().unwrap();
+        let head = parse_response_head(&mut buffer, &Method::GET, false)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.status, StatusCode::CREATED);
         assert_eq!(head.version, Version::HTTP_11);
         assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(head.headers["content-length"], "2");
         assert_eq!(&buffer[..], b"okNEXT");
-        assert!(head.keeps_alive());
-        assert_eq!(
-            ResponseFraming::of(&Method::GET, &head),
-            Ok(ResponseFraming::Length(2))
-        );
+        assert!(head.keep_alive);
+        assert_eq!(head.framing, ResponseFraming::Length(2));
+    }
+
+    #[test]
+    fn hop_by_hop_answer_headers_are_left_out_and_a_101_keeps_its_upgrade() {
+        let text =
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
+                    X-Secret: 1\r\nx-secret: 2\r\nTransfer-Encoding: chunked\r\nUpgrade: h2c\r\n\
+                    Proxy-Authenticate: Basic\r\nTrailer: x\r\nX-Kept: yes\r\n\r\n";
+        let parsed = head(text).unwrap().unwrap();
+        let names: Vec<&str> = parsed.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!(parsed.framing, ResponseFraming::Chunked);
+        assert!(parsed.keep_alive);
+
+        let switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                         Connection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n";
+        let mut buffer = BytesMut::from(switching);
+        let parsed = parse_response_head(&mut buffer, &Method::GET, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.headers["upgrade"], "websocket");
+        assert_eq!(parsed.headers["connection"], "upgrade");
+        assert_eq!(parsed.headers["sec-websocket-accept"], "abc");
+        // A refusal to switch keeps its `Upgrade` to itself.
+        let refusal =
+            "HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n";
+        let mut buffer = BytesMut::from(refusal);
+        let parsed = parse_response_head(&mut buffer, &Method::GET, true)
+            .unwrap()
+            .unwrap();
+        assert!(!parsed.headers.contains_key("upgrade"));
+        assert!(!parsed.headers.contains_key("connection"));
+        // Without a WebSocket request, an upgrade is not passed on.
+        let parsed = head(switching).unwrap().unwrap();
+        assert!(!parsed.headers.contains_key("upgrade"));
+        assert!(!parsed.headers.contains_key("connection"));
     }
 
     #[test]
@@ -471,15 +575,16 @@ mod tests {
     #[test]
     fn keep_alive_needs_http_1_1_and_no_close() {
         let http10 = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
-        assert!(!http10.keeps_alive());
+        assert!(!http10.keep_alive);
         let close = head("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert!(!close.keeps_alive());
+        assert!(!close.keep_alive);
     }
 
     fn framing(method: Method, text: &str) -> Result<ResponseFraming, ParseError> {
-        ResponseFraming::of(&method, &head(text).unwrap().unwrap())
+        parse_response_head(&mut BytesMut::from(text), &method, false)
+            .map(|head| head.unwrap().framing)
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! same name, e.g. `X_Auth_User_Id` becoming `HTTP_X_AUTH_USER_ID` in CGI/WSGI), and write the
 //! identity and forwarding headers the upstream may trust.
 
+use crate::auth::token::X_AUTH_TOKEN;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
 /// Headers only the gateway may set. A client-supplied header whose name folds to one of these
@@ -119,71 +120,80 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     upgrade && connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"))
 }
 
-/// Removes hop-by-hop headers and the headers `Connection` names. With `keep_upgrade`, a
-/// WebSocket upgrade's `Connection: upgrade` and `Upgrade` survive.
-///
-/// One pass over the names present decides what goes; most requests carry none of these and
-/// leave without an allocation or a hash lookup.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if keep_upgrade && (name == UPGRADE || name == CONNECTION) {
-            continue;
-        }
-        if HOP_BY_HOP.contains(name) {
-            doomed.push(name.clone());
-        }
-    }
-    for token in connection_tokens(headers) {
-        if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
-            continue;
-        }
-        // `from_bytes` lowercases; a token that is no header name names nothing here.
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-            doomed.push(name);
-        }
-    }
-    for name in doomed {
-        headers.remove(name);
-    }
-    if keep_upgrade {
-        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
 /// The headers a token travels in. Only their canonical spelling is read and forwarded: a
 /// look-alike (`X_Auth_Token`) could carry a second, unverified token that a framework folding
 /// `_` into `-` would hand to the app.
 const TOKEN_HEADERS: &[&str] = &["x-auth-token", "authorization"];
 
-/// Removes every client-supplied header that only the gateway may set, in any spelling, and
-/// look-alike spellings of the token headers.
-pub fn strip_managed(headers: &mut HeaderMap) {
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            let name = name.as_str();
-            folds_to_any(name, MANAGED)
-                || (folds_to_any(name, TOKEN_HEADERS) && !TOKEN_HEADERS.contains(&name))
-        })
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
+/// Which of the client's request headers go upstream as they came (CONTRACT §4 "Sent
+/// upstream"). Left out: hop-by-hop headers (RFC 9110 §7.6.1) and those `Connection` names;
+/// anything only the gateway may set, in any spelling a framework might fold into the same
+/// name (`X_Auth_User_Id` becoming `HTTP_X_AUTH_USER_ID` in CGI/WSGI); look-alike spellings of
+/// the token headers; the token itself unless `[token] forward`; and what the gateway writes
+/// itself (`Host`, the body's framing). For a WebSocket upgrade, `Upgrade` goes through (and the
+/// gateway writes `Connection: upgrade`).
+///
+/// Most requests carry no `Connection` header: then deciding costs no allocation and, for
+/// the standard names, no string compare.
+pub struct Forwardable {
+    connection_named: Vec<HeaderName>,
+    websocket: bool,
+    forward_token: bool,
+}
+
+impl Forwardable {
+    pub fn new(headers: &HeaderMap, websocket: bool, forward_token: bool) -> Self {
+        let connection_named = if headers.contains_key(CONNECTION) {
+            connection_tokens(headers)
+                .filter(|token| !(websocket && token.eq_ignore_ascii_case("upgrade")))
+                // `from_bytes` lowercases; a token that is no header name names nothing here.
+                .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Forwardable {
+            connection_named,
+            websocket,
+            forward_token,
+        }
+    }
+
+    /// Whether the client's header `name` is forwarded as it is.
+    pub fn keeps(&self, name: &HeaderName) -> bool {
+        if name == HOST || name == CONTENT_LENGTH || name == CONNECTION {
+            return false;
+        }
+        if name == UPGRADE {
+            return self.websocket;
+        }
+        if HOP_BY_HOP.contains(name) || self.connection_named.contains(name) {
+            return false;
+        }
+        if !self.forward_token && (name == AUTHORIZATION || name == X_AUTH_TOKEN) {
+            return false;
+        }
+        let text = name.as_str();
+        let look_alike = folds_to_any(text, TOKEN_HEADERS) && !TOKEN_HEADERS.contains(&text);
+        !(look_alike || folds_to_any(text, MANAGED))
     }
 }
 
-/// `X-Forwarded-For` as nginx's `$proxy_add_x_forwarded_for`: the client's list, if any, with
-/// the peer address (`peer_ip`, already a header value) appended.
-pub fn forwarded_for(previous: Option<&HeaderValue>, peer_ip: &HeaderValue) -> HeaderValue {
+/// Writes `X-Forwarded-For` as nginx's `$proxy_add_x_forwarded_for`: the client's list, if
+/// any (and plain ASCII), with the peer address (`peer_ip`, already a header value) appended.
+pub fn write_forwarded_for(
+    out: &mut Vec<u8>,
+    previous: Option<&HeaderValue>,
+    peer_ip: &HeaderValue,
+) {
+    out.extend_from_slice(b"x-forwarded-for: ");
     let list = previous.and_then(|v| v.to_str().ok()).map(str::trim);
-    match (list, peer_ip.to_str()) {
-        (Some(list), Ok(peer)) if !list.is_empty() => {
-            // From the `String` itself: its buffer becomes the value's, without a second copy.
-            HeaderValue::try_from(format!("{list}, {peer}")).unwrap_or_else(|_| peer_ip.clone())
-        }
-        _ => peer_ip.clone(),
+    if let Some(list) = list.filter(|list| !list.is_empty()) {
+        out.extend_from_slice(list.as_bytes());
+        out.extend_from_slice(b", ");
     }
+    out.extend_from_slice(peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A client's `X-Request-Id` is kept only if it is short and plain, so it cannot inject into
@@ -211,49 +221,60 @@ mod tests {
         headers
     }
 
+    /// The names of `pairs` that go upstream, in order.
+    fn forwarded(pairs: &[(&str, &str)], websocket: bool, forward_token: bool) -> Vec<String> {
+        let headers = map(pairs);
+        let forwardable = Forwardable::new(&headers, websocket, forward_token);
+        headers
+            .keys()
+            .filter(|name| forwardable.keeps(name))
+            .map(|name| name.to_string())
+            .collect()
+    }
+
     #[test]
     fn folded_spellings_of_identity_headers_are_stripped() {
-        let mut headers = map(&[
+        let pairs = [
             ("x-auth-user-id", "a"),
             ("x_auth_user_id", "b"),
             ("x.auth.user.id", "c"),
             ("X_AUTH_MFA", "d"),
             ("x-http-method-override", "DELETE"),
             ("x-original-uri", "/admin"),
+            ("x-forwarded-for", "1.2.3.4"),
             ("x-auth-token", "kept"),
             ("x_auth_token", "second token"),
             ("x.auth.token", "third token"),
             ("accept", "kept"),
-        ]);
-        strip_managed(&mut headers);
-        let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["accept", "x-auth-token"]);
+        ];
+        assert_eq!(forwarded(&pairs, false, true), ["x-auth-token", "accept"]);
+        assert_eq!(forwarded(&pairs, false, false), ["accept"]);
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut headers = map(&[
+        let pairs = [
             ("connection", "keep-alive, X-Foo"),
             ("keep-alive", "timeout=5"),
             ("x-foo", "1"),
             ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("host", "written by the gateway"),
             ("proxy-authorization", "Basic x"),
             ("upgrade", "h2c"),
             ("x-bar", "2"),
-        ]);
-        strip_hop_by_hop(&mut headers, false);
-        let names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["x-bar"]);
+        ];
+        assert_eq!(forwarded(&pairs, false, true), ["x-bar"]);
     }
 
     #[test]
     fn websocket_upgrade_survives_when_asked() {
-        let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_websocket_upgrade(&headers));
-        strip_hop_by_hop(&mut headers, true);
-        assert_eq!(headers["upgrade"], "websocket");
-        assert_eq!(headers["connection"], "upgrade");
+        let pairs = [("connection", "Upgrade"), ("upgrade", "websocket")];
+        assert!(is_websocket_upgrade(&map(&pairs)));
+        // `Connection: upgrade` is written by the gateway itself.
+        assert_eq!(forwarded(&pairs, true, true), ["upgrade"]);
+        assert!(forwarded(&pairs, false, true).is_empty());
     }
 
     #[test]
@@ -271,11 +292,21 @@ mod tests {
     #[test]
     fn forwarded_for_appends_like_nginx() {
         let peer = HeaderValue::from_static("10.0.0.7");
-        assert_eq!(forwarded_for(None, &peer), "10.0.0.7");
-        let prev = HeaderValue::from_static("1.2.3.4");
-        assert_eq!(forwarded_for(Some(&prev), &peer), "1.2.3.4, 10.0.0.7");
+        let written = |previous: Option<&HeaderValue>| {
+            let mut out = Vec::new();
+            write_forwarded_for(&mut out, previous, &peer);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(written(None), "x-forwarded-for: 10.0.0.7\r\n");
+        let prev = HeaderValue::from_static(" 1.2.3.4 ");
+        assert_eq!(
+            written(Some(&prev)),
+            "x-forwarded-for: 1.2.3.4, 10.0.0.7\r\n"
+        );
         let blank = HeaderValue::from_static("  ");
-        assert_eq!(forwarded_for(Some(&blank), &peer), "10.0.0.7");
+        assert_eq!(written(Some(&blank)), "x-forwarded-for: 10.0.0.7\r\n");
+        let binary = HeaderValue::from_bytes(b"caf\xe9").unwrap();
+        assert_eq!(written(Some(&binary)), "x-forwarded-for: 10.0.0.7\r\n");
     }
 
     #[test]

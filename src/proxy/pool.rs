@@ -23,7 +23,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::h1::{self, ChunkedDecoder, Decoded, ParseError, RequestFraming, ResponseFraming};
+
 use crate::server::workers;
 
 /// How many times a request that a reused connection turned out to be closed for is tried on
@@ -129,11 +130,11 @@ impl Conn {
     /// Writes the request (`self.out` holds its head) and reads the answer's head.
     async fn exchange(
         &mut self,
+        request: &Outgoing<'_>,
         body: &mut Incoming,
-        framing: RequestFraming,
     ) -> Result<h1::ResponseHead, SendError> {
-        self.write_request(body, framing).await?;
-        self.read_head().await
+        self.write_request(body, request.framing).await?;
+        self.read_head(request.method, request.websocket).await
     }
 
     async fn write_request(
@@ -191,12 +192,16 @@ impl Conn {
     }
 
     /// Reads until an answer head (informational answers other than 101 are skipped).
-    async fn read_head(&mut self) -> Result<h1::ResponseHead, SendError> {
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        websocket: bool,
+    ) -> Result<h1::ResponseHead, SendError> {
         let mut received = false;
         loop {
             if !self.buffer.is_empty() {
                 received = true;
-                if let Some(head) = h1::parse_response_head(&mut self.buffer)? {
+                if let Some(head) = h1::parse_response_head(&mut self.buffer, method, websocket)? {
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -215,6 +220,17 @@ impl Conn {
             }
         }
     }
+}
+
+/// A request as the upstream gets it.
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    /// The whole head, encoded (request line, headers, framing header, blank line).
+    pub head: &'a [u8],
+    /// How `head` frames the body.
+    pub framing: RequestFraming,
+    /// A WebSocket upgrade: a 101 answer keeps its `Upgrade` header.
+    pub websocket: bool,
 }
 
 /// A connection waiting for its next request.
@@ -319,23 +335,17 @@ impl Pool {
         })))
     }
 
-    /// Sends `request` (origin-form target, `Host` set, hop-by-hop headers gone) on an idle
-    /// connection or a new one. The answer's body gives the connection back to the pool once
-    /// read to its end.
+    /// Sends the request on an idle connection or a new one. The answer's body gives the
+    /// connection back to the pool once read to its end.
     pub async fn send(
         &self,
-        request: Request<Incoming>,
+        request: Outgoing<'_>,
+        mut body: Incoming,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let (parts, mut body) = request.into_parts();
-        let framing = RequestFraming::of(
-            &parts.method,
-            &parts.headers,
-            body.is_end_stream(),
-            body.size_hint().exact(),
-        );
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let resendable = matches!(framing, RequestFraming::None | RequestFraming::Length(0))
-            && is_idempotent(&parts.method);
+        let resendable = matches!(
+            request.framing,
+            RequestFraming::None | RequestFraming::Length(0)
+        ) && is_idempotent(request.method);
         let mut reused_attempts = 0;
         loop {
             // After a few closed ones the request gets a new connection.
@@ -350,15 +360,9 @@ impl Pool {
                 // it would be part of every request's future and be copied with it.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            h1::encode_request_head(
-                &mut conn.out,
-                &parts.method,
-                target,
-                &parts.headers,
-                framing,
-            );
-            match conn.exchange(&mut body, framing).await {
-                Ok(head) => return self.answer(conn, &parts.method, head),
+            conn.out.extend_from_slice(request.head);
+            match conn.exchange(&request, &mut body).await {
+                Ok(head) => return Ok(self.answer(conn, head)),
                 Err(err) if reused && resendable && err.is_stale() => {
                     tracing::debug!(cause = %err, "reused upstream connection was closed; sending again");
                     reused_attempts += 1;
@@ -369,15 +373,10 @@ impl Pool {
     }
 
     /// The answer, with a body that reads the rest from `conn`.
-    fn answer(
-        &self,
-        conn: Conn,
-        method: &Method,
-        head: h1::ResponseHead,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        let framing = ResponseFraming::of(method, &head)?;
+    fn answer(&self, conn: Conn, head: h1::ResponseHead) -> Response<UpstreamBody> {
+        let framing = head.framing;
         let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
-        let reusable = !switching && framing != ResponseFraming::UntilClose && head.keeps_alive();
+        let reusable = !switching && framing != ResponseFraming::UntilClose && head.keep_alive;
         let mut body = UpstreamBody {
             state: BodyState::Done,
             lease: None,
@@ -406,7 +405,7 @@ impl Pool {
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
-        Ok(response)
+        response
     }
 
     /// The most recently used idle connection that can take a request, if any.
