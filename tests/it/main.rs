@@ -17,3 +17,4 @@ mod incident;
 mod properties;
 mod reload;
 mod tls;
+mod upstream_wire;
