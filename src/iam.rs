@@ -31,6 +31,9 @@ pub struct Identity {
     /// Where the user id, the user name and the domain id end in `text` (the domain name ends
     /// with it). `u16` rather than `usize` keeps `UserFacts` in a smaller allocator size class.
     ends: [u16; 3],
+    /// Bit `i` set: field `i` is not empty and can be sent as a header value as it is. Checked
+    /// once per token here rather than on every request (it fits in the struct's padding).
+    sendable: u8,
 }
 
 /// The fields of an [`Identity`] are longer than [`Identity::MAX_LEN`] in all.
@@ -59,7 +62,11 @@ impl Identity {
         }
         let mut text = String::with_capacity(len);
         let mut ends = [0u16; 3];
+        let mut sendable = 0u8;
         for (i, field) in fields.into_iter().enumerate() {
+            if !field.is_empty() && http::HeaderValue::from_str(field).is_ok() {
+                sendable |= 1 << i;
+            }
             text.push_str(field);
             if let Some(end) = ends.get_mut(i) {
                 // At most MAX_LEN, checked above.
@@ -69,6 +76,7 @@ impl Identity {
         Ok(Identity {
             text: text.into_boxed_str(),
             ends,
+            sendable,
         })
     }
 
@@ -92,6 +100,12 @@ impl Identity {
     /// Empty when the IAM has none (CloudSSO).
     pub fn domain_name(&self) -> &str {
         self.field(3)
+    }
+
+    /// The four fields in order, each `None` when it is empty or not a valid header value
+    /// (a control character): what the identity headers carry, and what they leave out.
+    pub fn header_values(&self) -> [Option<&str>; 4] {
+        std::array::from_fn(|i| (self.sendable & (1 << i) != 0).then(|| self.field(i)))
     }
 
     /// Field `i` (0 to 3) of `text`.
@@ -253,6 +267,16 @@ mod tests {
             format!("{identity:?}"),
             r#"Identity { user_id: "u-1", user_name: "alice", domain_id: "d-1", domain_name: "acme" }"#
         );
+    }
+
+    #[test]
+    fn header_values_leave_out_empty_fields_and_control_characters() {
+        let identity = Identity::new("u-1", "bad\nname", "", "caf\u{e9}\tbar").unwrap();
+        assert_eq!(
+            identity.header_values(),
+            [Some("u-1"), None, None, Some("caf\u{e9}\tbar")]
+        );
+        assert_eq!(Identity::default().header_values(), [None; 4]);
     }
 
     #[test]

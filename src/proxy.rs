@@ -346,21 +346,22 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 
 /// The identity headers of CONTRACT §4 a principal carries (`X-Auth-Mfa` aside). Values come
 /// from the IAM; one that is empty (CloudSSO has no domain name) or not a valid header value is
-/// left out rather than forwarded mangled.
+/// left out rather than forwarded mangled ([`crate::iam::Identity::header_values`]).
 fn identity_values(principal: &Principal) -> impl Iterator<Item = (HeaderName, &str)> {
-    principal
+    const NAMES: [HeaderName; 4] = [
+        headers::X_AUTH_USER_ID,
+        headers::X_AUTH_USER_NAME,
+        headers::X_AUTH_DOMAIN_ID,
+        headers::X_AUTH_DOMAIN_NAME,
+    ];
+    let values = principal
         .user
-        .iter()
-        .flat_map(|user| {
-            let identity = &user.identity;
-            [
-                (headers::X_AUTH_USER_ID, identity.user_id()),
-                (headers::X_AUTH_USER_NAME, identity.user_name()),
-                (headers::X_AUTH_DOMAIN_ID, identity.domain_id()),
-                (headers::X_AUTH_DOMAIN_NAME, identity.domain_name()),
-            ]
-        })
-        .filter(|(_, value)| !value.is_empty() && h1::is_header_value(value))
+        .as_ref()
+        .map_or([None; 4], |user| user.identity.header_values());
+    NAMES
+        .into_iter()
+        .zip(values)
+        .filter_map(|(name, value)| Some((name, value?)))
 }
 
 /// Writes the identity headers of CONTRACT §4 for a principal into a header map (the decision
