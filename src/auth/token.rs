@@ -53,13 +53,22 @@ pub enum TokenError {
 /// `Authorization: Bearer`): only one could be verified, and the other would still reach the
 /// app, which might act on it.
 pub fn conflicting(headers: &http::HeaderMap) -> bool {
-    let x_auth = headers
-        .get(X_AUTH_TOKEN)
+    conflicting_values(
+        headers.get(X_AUTH_TOKEN),
+        headers.get(http::header::AUTHORIZATION),
+    )
+}
+
+/// [`conflicting`], from the first `X-Auth-Token` and `Authorization` values (found by a
+/// caller that walks the headers anyway).
+pub fn conflicting_values(
+    x_auth_token: Option<&http::HeaderValue>,
+    authorization: Option<&http::HeaderValue>,
+) -> bool {
+    let x_auth = x_auth_token
         .map(|value| trim(value.as_bytes()))
         .filter(|value| !value.is_empty());
-    let bearer = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|value| bearer(value.as_bytes()));
+    let bearer = authorization.and_then(|value| bearer(value.as_bytes()));
     matches!((x_auth, bearer), (Some(a), Some(b)) if a != b)
 }
 
@@ -68,16 +77,23 @@ pub fn conflicting(headers: &http::HeaderMap) -> bool {
 /// `Authorization` scheme (Basic, …) is not a token. Repeated headers are refused earlier, by
 /// the request guard.
 pub fn extract(headers: &http::HeaderMap) -> Result<Option<Token>, TokenError> {
-    let from_header = headers
-        .get(X_AUTH_TOKEN)
+    extract_values(
+        headers.get(X_AUTH_TOKEN),
+        headers.get(http::header::AUTHORIZATION),
+    )
+}
+
+/// [`extract`], from the first `X-Auth-Token` and `Authorization` values.
+pub fn extract_values(
+    x_auth_token: Option<&http::HeaderValue>,
+    authorization: Option<&http::HeaderValue>,
+) -> Result<Option<Token>, TokenError> {
+    let from_header = x_auth_token
         .map(|value| trim(value.as_bytes()))
         .filter(|value| !value.is_empty());
     let raw = match from_header {
         Some(raw) => raw,
-        None => match headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|value| bearer(value.as_bytes()))
-        {
+        None => match authorization.and_then(|value| bearer(value.as_bytes())) {
             Some(raw) => raw,
             None => return Ok(None),
         },

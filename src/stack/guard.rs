@@ -9,7 +9,9 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{
+    HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING,
+};
 use http::{HeaderMap, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
@@ -49,25 +51,64 @@ pub struct GuardService<S> {
     inner: S,
 }
 
-/// The size of the header block as it arrived, near enough: request line plus `name: value\r\n`.
-fn header_block_bytes(request: &Request<Incoming>) -> usize {
+/// What the guard reads of the header block, gathered in one pass over it: comparing a
+/// name with a standard one is an integer compare, where each lookup by name hashes it.
+#[derive(Default)]
+struct Census<'a> {
+    /// The header lines' bytes, near enough: `name: value\r\n`.
+    bytes: usize,
+    hosts: usize,
+    x_auth_tokens: usize,
+    authorizations: usize,
+    /// The first value of each token header.
+    x_auth_token: Option<&'a HeaderValue>,
+    authorization: Option<&'a HeaderValue>,
+    content_length: bool,
+    transfer_encoding: bool,
+    connection: bool,
+}
+
+impl<'a> Census<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let mut census = Census::default();
+        for (name, value) in headers {
+            census.bytes += name.as_str().len() + value.len() + 4;
+            if name == HOST {
+                census.hosts += 1;
+            } else if name == token::X_AUTH_TOKEN {
+                census.x_auth_tokens += 1;
+                census.x_auth_token.get_or_insert(value);
+            } else if name == AUTHORIZATION {
+                census.authorizations += 1;
+                census.authorization.get_or_insert(value);
+            } else if name == CONTENT_LENGTH {
+                census.content_length = true;
+            } else if name == TRANSFER_ENCODING {
+                census.transfer_encoding = true;
+            } else if name == CONNECTION {
+                census.connection = true;
+            }
+        }
+        census
+    }
+}
+
+/// The size of the header block as it arrived, near enough: request line plus the lines.
+fn header_block_bytes(request: &Request<Incoming>, census: &Census<'_>) -> usize {
     let uri = request.uri();
     let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len() + 8);
-    let line = request.method().as_str().len() + target + 12;
-    line + request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum::<usize>()
+    request.method().as_str().len() + target + 12 + census.bytes
 }
 
-fn count(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> usize {
-    headers.get_all(name).iter().count()
-}
+/// The first value of each token header, for [`token::extract_values`].
+type TokenValues<'a> = (Option<&'a HeaderValue>, Option<&'a HeaderValue>);
 
-/// Checks the request head; answers the normalised path.
-fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str>, GatewayError> {
+/// Checks the request head; answers the normalised path and where the token is.
+fn check(
+    request: &Request<Incoming>,
+    max_header_bytes: usize,
+) -> Result<(Arc<str>, TokenValues<'_>), GatewayError> {
     if request.method() == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed {
             detail: "CONNECT is not supported".into(),
@@ -76,41 +117,45 @@ fn check(request: &Request<Incoming>, max_header_bytes: usize) -> Result<Arc<str
     if request.uri().path() == "*" {
         return Err(GatewayError::bad_request("asterisk-form request target"));
     }
-    if header_block_bytes(request) > max_header_bytes {
+    let headers = request.headers();
+    let census = Census::of(headers);
+    if header_block_bytes(request, &census) > max_header_bytes {
         return Err(GatewayError::HeadersTooLarge {
             limit: max_header_bytes,
         });
     }
-    let headers = request.headers();
-    match (request.version(), count(headers, HOST)) {
+    match (request.version(), census.hosts) {
         (_, n) if n > 1 => return Err(GatewayError::bad_request("repeated Host header")),
         (Version::HTTP_11, 0) => return Err(GatewayError::bad_request("missing Host header")),
         _ => {}
     }
-    if count(headers, token::X_AUTH_TOKEN) > 1 {
+    if census.x_auth_tokens > 1 {
         return Err(GatewayError::bad_request("repeated X-Auth-Token header"));
     }
-    if count(headers, AUTHORIZATION) > 1 {
+    if census.authorizations > 1 {
         return Err(GatewayError::bad_request("repeated Authorization header"));
     }
-    if token::conflicting(headers) {
+    if token::conflicting_values(census.x_auth_token, census.authorization) {
         return Err(GatewayError::bad_request(
             "X-Auth-Token and Authorization carry different tokens",
         ));
     }
-    if headers.contains_key(CONTENT_LENGTH) && headers.contains_key(TRANSFER_ENCODING) {
+    if census.content_length && census.transfer_encoding {
         return Err(GatewayError::bad_framing(
             "Content-Length together with Transfer-Encoding",
         ));
     }
-    if headers::connection_names_identity(headers).is_some() {
+    if census.connection && headers::connection_names_identity(headers).is_some() {
         return Err(GatewayError::bad_request(
             "Connection header names an identity header",
         ));
     }
     let normal = path::normalize(request.uri().path())
         .map_err(|err| GatewayError::bad_request(err.to_string()))?;
-    Ok(Arc::from(normal.as_ref()))
+    Ok((
+        Arc::from(normal.as_ref()),
+        (census.x_auth_token, census.authorization),
+    ))
 }
 
 /// Admits the request or says why not; on admission leaves the [`RequestInfo`] in it.
@@ -133,11 +178,11 @@ fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(),
         .extensions_mut()
         .remove::<RequestId>()
         .ok_or(GatewayError::Internal("request without request id"))?;
-    let path = check(request, max_header_bytes)?;
+    let (path, (x_auth_token, authorization)) = check(request, max_header_bytes)?;
     if let Some(slot) = request.extensions().get::<DecisionSlot>() {
         slot.set_path(path.clone());
     }
-    let token = token::extract(request.headers()).map_err(|err| {
+    let token = token::extract_values(x_auth_token, authorization).map_err(|err| {
         tracing::debug!(cause = %err, "token refused before any IAM call");
         GatewayError::InvalidToken
     })?;
