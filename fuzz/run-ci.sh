@@ -23,7 +23,7 @@ artifacts=${FUZZ_ARTIFACTS:-$fuzz_dir/artifacts}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$fuzz_dir/target}
 triple=$(rustc -vV | sed -n 's/^host: //p')
 
-targets=(path_normalize token_extract framing_observer framing_differential jwks_parse jwt_verify)
+targets=(path_normalize token_extract framing_observer framing_differential jwks_parse jwt_verify upstream_answer)
 if [[ ",$features," == *",iam-parsers,"* ]]; then
   targets+=(huawei_parse cloudsso_parse)
 fi

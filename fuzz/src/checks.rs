@@ -18,6 +18,7 @@ use base64::Engine as _;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use mfa_gate::auth::token::{self, MAX_TOKEN_BYTES};
 use mfa_gate::iam::jwt::{self, Algorithm, JwkSet, JwksLocation, JwtError, JwtSettings};
+use mfa_gate::proxy::h1::{self, ChunkedDecoder, Decoded, ResponseFraming};
 use mfa_gate::proxy::path;
 use mfa_gate::server::framing::{FramingObserver, FramingVerdicts};
 use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
@@ -34,6 +35,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("framing_observer", framing_observer),
     ("jwks_parse", jwks_parse),
     ("jwt_verify", jwt_verify),
+    ("upstream_answer", upstream_answer),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -567,4 +569,126 @@ fn check_token(fixture: &JwtFixture, token: &str) -> Result<jwt::VerifiedJwt, Jw
         Err(_) => {}
     }
     result
+}
+
+// ---------------------------------------------------------------------------------------------
+// upstream_answer
+
+/// Parses an answer head fed `step` bytes at a time (all at once for 0): the head, or why not,
+/// and what is left in the buffer after it.
+fn parse_in_steps(
+    wire: &[u8],
+    step: usize,
+    method: &http::Method,
+) -> (Result<Option<h1::ResponseHead>, h1::ParseError>, Vec<u8>) {
+    let step = if step == 0 { wire.len().max(1) } else { step };
+    let mut buffer = bytes::BytesMut::new();
+    let mut fed = 0;
+    loop {
+        let end = (fed + step).min(wire.len());
+        buffer.extend_from_slice(&wire[fed..end]);
+        fed = end;
+        match h1::parse_response_head(&mut buffer, method, false) {
+            Ok(None) if fed < wire.len() => continue,
+            result => {
+                buffer.extend_from_slice(&wire[fed..]);
+                return (result, buffer.to_vec());
+            }
+        }
+    }
+}
+
+/// Decodes a chunked body fed `step` bytes at a time: the data, and the end (`Ok(true)`), an
+/// incomplete body (`Ok(false)`) or the error; and the bytes left after a complete body.
+fn decode_in_steps(wire: &[u8], step: usize) -> (Vec<u8>, Result<bool, h1::ParseError>, Vec<u8>) {
+    let step = if step == 0 { wire.len().max(1) } else { step };
+    let mut decoder = ChunkedDecoder::default();
+    let mut buffer = bytes::BytesMut::new();
+    let mut data = Vec::new();
+    let mut fed = 0;
+    loop {
+        match decoder.decode(&mut buffer) {
+            Ok(Decoded::Data(bytes)) => data.extend_from_slice(&bytes),
+            Ok(Decoded::End) => {
+                buffer.extend_from_slice(&wire[fed..]);
+                return (data, Ok(true), buffer.to_vec());
+            }
+            Ok(Decoded::More) if fed < wire.len() => {
+                let end = (fed + step).min(wire.len());
+                buffer.extend_from_slice(&wire[fed..end]);
+                fed = end;
+            }
+            Ok(Decoded::More) => return (data, Ok(false), Vec::new()),
+            Err(err) => return (data, Err(err), Vec::new()),
+        }
+    }
+}
+
+/// Input: one byte choosing the request method (`H`: HEAD, else GET), one byte the size of the
+/// pieces the answer arrives in (0: all at once), then the upstream's bytes.
+///
+/// - parsing never panics, and gives the same head (or the same refusal) however the bytes
+///   arrive, leaving exactly the bytes after the head;
+/// - a parsed head carries no hop-by-hop header, and an answer with no body has framing `None`;
+/// - a chunked body decodes to the same data and verdict however it arrives, and to no more
+///   bytes than were sent.
+pub fn upstream_answer(data: &[u8]) {
+    let [method, step, wire @ ..] = data else {
+        return;
+    };
+    let method = if *method == b'H' {
+        http::Method::HEAD
+    } else {
+        http::Method::GET
+    };
+    let (whole, rest) = parse_in_steps(wire, 0, &method);
+    let (pieces, rest_pieces) = parse_in_steps(wire, usize::from(*step), &method);
+    match (&whole, &pieces) {
+        (Ok(Some(a)), Ok(Some(b))) => {
+            assert_eq!(
+                (a.status, a.version, a.framing, a.keep_alive, &a.headers),
+                (b.status, b.version, b.framing, b.keep_alive, &b.headers),
+                "the head depends on how it arrived"
+            );
+            assert_eq!(rest, rest_pieces, "different bytes left after the head");
+        }
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        _ => panic!("whole: {whole:?}, in pieces: {pieces:?}"),
+    }
+    let Ok(Some(head)) = whole else {
+        return;
+    };
+    for name in head.headers.keys() {
+        assert!(
+            !matches!(
+                name.as_str(),
+                "connection"
+                    | "keep-alive"
+                    | "te"
+                    | "trailer"
+                    | "transfer-encoding"
+                    | "upgrade"
+                    | "proxy-connection"
+                    | "proxy-authenticate"
+                    | "proxy-authorization"
+            ),
+            "hop-by-hop header {name} kept"
+        );
+    }
+    let bodiless = method == http::Method::HEAD
+        || head.status.is_informational()
+        || matches!(head.status.as_u16(), 204 | 304);
+    if bodiless {
+        assert_eq!(
+            head.framing,
+            ResponseFraming::None,
+            "a body where none may be"
+        );
+    }
+    if head.framing == ResponseFraming::Chunked {
+        let whole = decode_in_steps(&rest, 0);
+        let pieces = decode_in_steps(&rest, usize::from(*step));
+        assert_eq!(whole, pieces, "the chunked body depends on how it arrived");
+        assert!(whole.0.len() <= rest.len(), "more data out than in");
+    }
 }

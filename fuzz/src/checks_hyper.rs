@@ -2,8 +2,9 @@
 //! requests, hyper's HTTP/1 server, modelled on `httparse` (the crate and version hyper parses
 //! heads with) and hyper 1.x's framing rules (`proto/h1/role.rs`, `Server::parse`).
 //!
-//! Needs `httparse`: a dependency of the fuzz crate, and a dev-dependency of the gateway so that
-//! `tests/it/fuzz_regressions.rs` replays the committed inputs through this check too.
+//! Needs `httparse`: a dependency of the fuzz crate and of the gateway (which parses upstream
+//! answers with it), so that `tests/it/fuzz_regressions.rs` replays the committed inputs through
+//! this check too.
 //!
 //! Input: the bytes a client sends on one connection.
 //!

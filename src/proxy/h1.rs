@@ -365,6 +365,8 @@ impl Default for ChunkedDecoder {
 /// The line at the front of `buffer`, without its CRLF, once it is complete.
 fn take_line(buffer: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, ParseError> {
     match memchr::memchr(b'\n', buffer) {
+        // The same limit whether the line arrived at once or in pieces.
+        Some(end) if end > limit => Err(ParseError::Chunked),
         Some(end) => {
             let mut line = buffer.split_to(end + 1);
             if end == 0 || line[end - 1] != b'\r' {
@@ -677,6 +679,19 @@ mod tests {
         }
         let long_line = vec![b'1'; MAX_CHUNK_LINE + 2];
         assert_eq!(decode_in_steps(&long_line, 512), Err(ParseError::Chunked));
+        // Refused as well when the whole line, end included, arrives in one read.
+        let mut long_extension = b"5;".to_vec();
+        long_extension.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        long_extension.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        let whole = long_extension.len();
+        assert_eq!(
+            decode_in_steps(&long_extension, whole),
+            Err(ParseError::Chunked)
+        );
+        assert_eq!(
+            decode_in_steps(&long_extension, 7),
+            Err(ParseError::Chunked)
+        );
         let mut endless_trailers = b"0\r\n".to_vec();
         endless_trailers.extend(std::iter::repeat_n(&b"x: 1\r\n"[..], 4000).flatten());
         assert_eq!(

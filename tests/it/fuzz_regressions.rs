@@ -14,7 +14,7 @@ mod checks;
 #[path = "../../fuzz/src/checks_iam.rs"]
 mod checks_iam;
 
-// The hyper differential of the framing observer (`httparse` is a dev-dependency for it).
+// The hyper differential of the framing observer (`httparse`, a dependency of the gateway).
 #[path = "../../fuzz/src/checks_hyper.rs"]
 mod checks_hyper;
 
@@ -111,6 +111,11 @@ fn jwks_parse() {
 #[test]
 fn jwt_verify() {
     replay("jwt_verify", checks::jwt_verify);
+}
+
+#[test]
+fn upstream_answer() {
+    replay("upstream_answer", checks::upstream_answer);
 }
 
 #[test]
