@@ -1,5 +1,6 @@
-//! Forwarding to the upstream: one shared pooled client, header hygiene, streaming bodies both
-//! ways, WebSocket upgrades, and the upstream metrics.
+//! Forwarding to the upstream: the upstream request's head written in one buffer (header
+//! hygiene included), sent on a pooled keep-alive connection ([`pool`], [`h1`]), bodies streamed
+//! both ways, WebSocket upgrades, and the upstream metrics.
 //!
 //! The [`ProxyService`] only forwards requests that carry a [`Principal`]: the auth layer is the
 //! only place that makes one, so a request that skipped it cannot reach the upstream.
