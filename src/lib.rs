@@ -16,7 +16,8 @@
 //! - [`decision`]: decision and reason vocabulary.
 //! - [`cache`]: per-token cache with coalescing and stale-if-error.
 //! - [`iam`]: provider trait; [`iam::huawei`] the Huawei Cloud IAM client.
-//! - [`proxy`]: upstream client, header hygiene, path normalisation.
+//! - [`proxy`]: the upstream leg (its own HTTP/1.1 client and connection pool), header hygiene,
+//!   path normalisation.
 //! - [`error`]: `GatewayError` and the JSON answers.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*`.
 //! - [`metrics`]: the Prometheus registry.
