@@ -474,6 +474,17 @@ impl Inner {
             Read::Rejected => ("rejected", shared.lock(&key).await),
             Read::Unavailable => ("error", Lock::Unavailable),
         };
+        if let Lock::Acquired(value) = &lock {
+            // Another gateway may have stored its answer and let go of the lock between the
+            // read above and taking the lock: look once more before asking the IAM.
+            if let Read::Hit(found) = shared.read(&key).await {
+                if usable(&found, needs) {
+                    shared.unlock(&key, value).await;
+                    self.count_shared("hit");
+                    return Ok(self.insert(key, self.entry_from_fleet(found), purges).await);
+                }
+            }
+        }
         if let Lock::Held = lock {
             match shared.wait_for(&key).await {
                 Some(found) if usable(&found, needs) => {

@@ -307,18 +307,22 @@ impl SharedCache {
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(LOCK_POLL).await;
             let mut connection = self.connection();
+            // The lock first, then the entry: the holder stores the entry before it lets go of
+            // the lock, so a lock seen gone means the entry (if any) is already there. Read the
+            // other way round, the holder's store and unlock could both land between the two
+            // reads, and this gateway would ask the IAM a second time.
             let mut look = redis::pipe();
-            look.get(&entry_key).exists(&lock_key);
-            let look = look.query_async::<(Option<Vec<u8>>, bool)>(&mut connection);
-            match self.command("GET+EXISTS", look).await? {
-                (Some(sealed), _) => {
+            look.exists(&lock_key).get(&entry_key);
+            let look = look.query_async::<(bool, Option<Vec<u8>>)>(&mut connection);
+            match self.command("EXISTS+GET", look).await? {
+                (_, Some(sealed)) => {
                     return match self.open(key, &sealed) {
                         Read::Hit(entry) => Some(entry),
                         _ => None,
                     }
                 }
-                (None, false) => return None,
-                (None, true) => {}
+                (false, None) => return None,
+                (true, None) => {}
             }
         }
         None
