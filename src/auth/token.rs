@@ -65,11 +65,20 @@ pub fn conflicting_values(
     x_auth_token: Option<&http::HeaderValue>,
     authorization: Option<&http::HeaderValue>,
 ) -> bool {
+    matches!(candidates(x_auth_token, authorization), (Some(a), Some(b)) if a != b)
+}
+
+/// The token each header offers: the trimmed `X-Auth-Token` when not empty, and the
+/// credentials of a `Bearer` authorization.
+fn candidates<'a>(
+    x_auth_token: Option<&'a http::HeaderValue>,
+    authorization: Option<&'a http::HeaderValue>,
+) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
     let x_auth = x_auth_token
         .map(|value| trim(value.as_bytes()))
         .filter(|value| !value.is_empty());
     let bearer = authorization.and_then(|value| bearer(value.as_bytes()));
-    matches!((x_auth, bearer), (Some(a), Some(b)) if a != b)
+    (x_auth, bearer)
 }
 
 /// Reads the token from `X-Auth-Token`, else from `Authorization: Bearer …` (the scheme
@@ -88,15 +97,9 @@ pub fn extract_values(
     x_auth_token: Option<&http::HeaderValue>,
     authorization: Option<&http::HeaderValue>,
 ) -> Result<Option<Token>, TokenError> {
-    let from_header = x_auth_token
-        .map(|value| trim(value.as_bytes()))
-        .filter(|value| !value.is_empty());
-    let raw = match from_header {
-        Some(raw) => raw,
-        None => match authorization.and_then(|value| bearer(value.as_bytes())) {
-            Some(raw) => raw,
-            None => return Ok(None),
-        },
+    let raw = match candidates(x_auth_token, authorization) {
+        (Some(raw), _) | (None, Some(raw)) => raw,
+        (None, None) => return Ok(None),
     };
     validate(raw).map(Some)
 }

@@ -53,6 +53,12 @@ pub enum RequestFraming {
 }
 
 impl RequestFraming {
+    /// Whether body bytes follow the head.
+    pub fn has_body(self) -> bool {
+        matches!(self, RequestFraming::Chunked)
+            || matches!(self, RequestFraming::Length(n) if n > 0)
+    }
+
     /// The framing of a body that hyper's server side describes by `end_stream` (nothing to
     /// come) and `exact` (its size hint, when the client said it). Methods that define a body
     /// get `Content-Length: 0` for an empty one, as hyper's client did; a client's explicit

@@ -127,14 +127,29 @@ impl Conn {
         }
     }
 
-    /// Writes the request (`self.out` holds its head) and reads the answer's head.
+    /// Writes the request (`self.out` holds its head) and reads the answer's head; with it,
+    /// whether the whole request went out (else the connection cannot be reused).
     async fn exchange(
         &mut self,
         request: &Outgoing<'_>,
         body: &mut Incoming,
-    ) -> Result<h1::ResponseHead, SendError> {
-        self.write_request(body, request.framing).await?;
-        self.read_head(request.method, request.websocket).await
+    ) -> Result<(h1::ResponseHead, bool), SendError> {
+        match self.write_request(body, request.framing).await {
+            Ok(()) => Ok((
+                self.read_head(request.method, request.websocket).await?,
+                true,
+            )),
+            // An upstream may answer before the body is in (413, 401) and close the connection
+            // without reading the rest; its answer is still in the socket, and is the one the
+            // client should get rather than a 502.
+            Err(SendError::Stale(write_error)) if request.framing.has_body() => {
+                match self.read_head(request.method, request.websocket).await {
+                    Ok(head) => Ok((head, false)),
+                    Err(_) => Err(SendError::Stale(write_error)),
+                }
+            }
+            Err(err) => Err(err),
+        }
     }
 
     async fn write_request(
@@ -362,7 +377,7 @@ impl Pool {
             };
             conn.out.extend_from_slice(request.head);
             match conn.exchange(&request, &mut body).await {
-                Ok(head) => return Ok(self.answer(conn, head)),
+                Ok((head, complete)) => return Ok(self.answer(conn, head, complete)),
                 Err(err) if reused && resendable && err.is_stale() => {
                     tracing::debug!(cause = %err, "reused upstream connection was closed; sending again");
                     reused_attempts += 1;
@@ -373,10 +388,11 @@ impl Pool {
     }
 
     /// The answer, with a body that reads the rest from `conn`.
-    fn answer(&self, conn: Conn, head: h1::ResponseHead) -> Response<UpstreamBody> {
+    fn answer(&self, conn: Conn, head: h1::ResponseHead, complete: bool) -> Response<UpstreamBody> {
         let framing = head.framing;
         let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
-        let reusable = !switching && framing != ResponseFraming::UntilClose && head.keep_alive;
+        let reusable =
+            complete && !switching && framing != ResponseFraming::UntilClose && head.keep_alive;
         let mut body = UpstreamBody {
             state: BodyState::Done,
             lease: None,

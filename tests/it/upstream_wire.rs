@@ -337,3 +337,43 @@ async fn the_upstream_head_is_plain_http_1_1_with_one_host_and_no_client_hop_hea
         "the spoofed identity reached the upstream: {head}"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_that_refuses_a_body_before_reading_it_gets_its_answer_through() {
+    // It answers 413 after the head and closes with the body unread (the kernel then resets
+    // the connection): the gateway's body write fails, and the 413 is what the client gets.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\
+                          Connection: close\r\n\r\ntoo big!",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let h = Harness::with_upstream("", &url).await;
+    let token = h.token("alice");
+    let body = Bytes::from(vec![b'x'; 32 * 1024 * 1024]);
+    let answer = send(
+        Method::POST,
+        &h.url("/upload"),
+        &[("x-auth-token", &token)],
+        body,
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        answer.text()
+    );
+    assert_eq!(answer.text(), "too big!");
+}
