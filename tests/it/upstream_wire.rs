@@ -11,6 +11,7 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::faults::raw_upstream;
 use crate::support::{send, Harness};
 
 /// A keep-alive upstream that answers each request head it reads with `answer(head)`, on as
@@ -113,25 +114,20 @@ async fn interim_answers_are_skipped_and_the_final_one_forwarded() {
 
 #[tokio::test]
 async fn an_answer_delimited_by_close_is_read_to_the_end_and_its_connection_not_reused() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                // HTTP/1.0, no length: the body ends when the connection does.
-                let _ = stream
-                    .write_all(b"HTTP/1.0 200 OK\r\n\r\nfirst part, ")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                let _ = stream.write_all(b"second part").await;
-            });
+    let url = raw_upstream(move |mut stream, _head| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // HTTP/1.0, no length: the body ends when the connection does.
+            let _ = stream
+                .write_all(b"HTTP/1.0 200 OK\r\n\r\nfirst part, ")
+                .await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = stream.write_all(b"second part").await;
         }
-    });
+    })
+    .await;
     let h = Harness::with_upstream("", &url).await;
     let token = h.token("alice");
     for round in 0..3 {
@@ -186,19 +182,12 @@ async fn ambiguous_or_malformed_answers_are_a_json_502_never_passed_on() {
 
 #[tokio::test]
 async fn an_upstream_gone_mid_body_cuts_the_client_off_instead_of_ending_the_body() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-                    .await;
-            });
-        }
-    });
+    let url = raw_upstream(|mut stream, _head| async move {
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+            .await;
+    })
+    .await;
     let h = Harness::with_upstream("", &url).await;
     let token = h.token("alice");
     let mut client = TcpStream::connect(h.addr()).await.unwrap();
@@ -342,23 +331,16 @@ async fn the_upstream_head_is_plain_http_1_1_with_one_host_and_no_client_hop_hea
 async fn an_upstream_that_refuses_a_body_before_reading_it_gets_its_answer_through() {
     // It answers 413 after the head and closes with the body unread (the kernel then resets
     // the connection): the gateway's body write fails, and the 413 is what the client gets.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\
-                          Connection: close\r\n\r\ntoo big!",
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            });
-        }
-    });
+    let url = raw_upstream(|mut stream, _head| async move {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\
+                  Connection: close\r\n\r\ntoo big!",
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
     let h = Harness::with_upstream("", &url).await;
     let token = h.token("alice");
     let body = Bytes::from(vec![b'x'; 32 * 1024 * 1024]);
