@@ -158,8 +158,9 @@ impl Conn {
         framing: RequestFraming,
     ) -> Result<(), SendError> {
         let chunked = framing == RequestFraming::Chunked;
-        if matches!(framing, RequestFraming::Length(length) if length > 0) || chunked {
-            let mut head_sent = false;
+        if framing.has_body() {
+            // Each piece goes out as soon as it came in (a streaming upload is not held back);
+            // the head waits in `out` for the first one, so a small body travels with it.
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(SendError::Body)?;
                 // Trailers are not forwarded (hyper's client did not either).
@@ -185,14 +186,11 @@ impl Conn {
                 if chunked {
                     self.out.extend_from_slice(b"\r\n");
                 }
-                if !head_sent || self.out.len() >= COALESCE_BYTES {
-                    self.io
-                        .write_all(&self.out)
-                        .await
-                        .map_err(SendError::Stale)?;
-                    self.out.clear();
-                    head_sent = true;
-                }
+                self.io
+                    .write_all(&self.out)
+                    .await
+                    .map_err(SendError::Stale)?;
+                self.out.clear();
             }
             if chunked {
                 self.out.extend_from_slice(h1::LAST_CHUNK);

@@ -359,3 +359,70 @@ async fn an_upstream_that_refuses_a_body_before_reading_it_gets_its_answer_throu
     );
     assert_eq!(answer.text(), "too big!");
 }
+
+/// Whether `haystack` holds `needle`.
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_streamed_upload_reaches_the_upstream_piece_by_piece() {
+    // The upstream says when it has seen the second piece; the client sends the end of its body
+    // only then. A gateway that held small pieces back until more came would never get there.
+    let (seen, seen_by_test) = tokio::sync::oneshot::channel::<()>();
+    let seen = Arc::new(Mutex::new(Some(seen)));
+    let url = raw_upstream(move |mut stream, head| {
+        let seen = seen.clone();
+        async move {
+            let mut received = head;
+            let mut buf = [0u8; 4096];
+            let mut told = false;
+            while !received.ends_with(b"0\r\n\r\n") {
+                if !told && holds(&received, b"second") {
+                    if let Some(seen) = seen.lock().unwrap().take() {
+                        let _ = seen.send(());
+                    }
+                    told = true;
+                }
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngot!")
+                .await;
+        }
+    })
+    .await;
+    let h = Harness::with_upstream("", &url).await;
+    let token = h.token("alice");
+    let mut client = TcpStream::connect(h.addr()).await.unwrap();
+    let head = format!(
+        "POST /stream HTTP/1.1\r\nHost: gw\r\nX-Auth-Token: {token}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.write_all(b"6\r\nsecond\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), seen_by_test)
+        .await
+        .expect("the second piece reached the upstream before the body ended")
+        .unwrap();
+    client.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !holds(&answer, b"got!") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_ne!(n, 0, "closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
