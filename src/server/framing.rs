@@ -51,8 +51,12 @@ enum State {
     ChunkSize(Vec<u8>),
     /// In a chunked body: skipping chunk data plus its CRLF.
     ChunkData(u64),
-    /// In a chunked body: reading trailer lines until an empty one.
-    Trailers(Vec<u8>),
+    /// In a chunked body, after the last chunk: reading trailer lines until an empty one.
+    /// hyper's chunked decoder ends a trailer line at CRLF only (a bare LF is one more byte of
+    /// the line, and the empty line that ends the section is CRLF too), so lines are not split
+    /// on LF here as they are in a head. `line_started`: the current line has a byte;
+    /// `after_cr`: its last byte was CR, which hyper requires an LF after.
+    Trailers { line_started: bool, after_cr: bool },
     /// Not following this connection any more.
     Off,
 }
@@ -254,7 +258,10 @@ impl FramingObserver {
                         let text = String::from_utf8_lossy(line);
                         let size = text.trim_end().split(';').next().unwrap_or_default().trim();
                         self.state = match u64::from_str_radix(size, 16) {
-                            Ok(0) => State::Trailers(Vec::new()),
+                            Ok(0) => State::Trailers {
+                                line_started: false,
+                                after_cr: false,
+                            },
                             // Chunk data is followed by CRLF.
                             Ok(n) => State::ChunkData(n.saturating_add(2)),
                             Err(_) => State::Off,
@@ -276,29 +283,37 @@ impl FramingObserver {
                         self.state = State::ChunkSize(Vec::new());
                     }
                 }
-                State::Trailers(line) => match bytes.iter().position(|b| *b == b'\n') {
-                    Some(at) => {
-                        line.extend_from_slice(&bytes[..=at]);
-                        bytes = &bytes[at + 1..];
-                        if line.len() > self.max_head {
+                State::Trailers {
+                    line_started,
+                    after_cr,
+                } => {
+                    if *after_cr {
+                        if bytes[0] != b'\n' {
+                            // hyper refuses the body ("Invalid trailer end LF").
                             self.state = State::Off;
                             return;
                         }
-                        let empty = line.as_slice() == b"\r\n" || line.as_slice() == b"\n";
-                        self.state = if empty {
-                            State::Head(Vec::new())
-                        } else {
-                            State::Trailers(Vec::new())
-                        };
-                    }
-                    None => {
-                        line.extend_from_slice(bytes);
-                        if line.len() > self.max_head {
-                            self.state = State::Off;
+                        bytes = &bytes[1..];
+                        if !*line_started {
+                            self.state = State::Head(Vec::new());
+                            continue;
                         }
-                        return;
+                        *line_started = false;
+                        *after_cr = false;
+                        continue;
                     }
-                },
+                    match memchr::memchr(b'\r', bytes) {
+                        Some(at) => {
+                            *line_started |= at > 0;
+                            *after_cr = true;
+                            bytes = &bytes[at + 1..];
+                        }
+                        None => {
+                            *line_started = true;
+                            return;
+                        }
+                    }
+                }
             }
         }
     }
@@ -444,6 +459,22 @@ GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(verdicts_for(stream, &[]).first(), Some(&false));
         let stream = b"POST / HTTP/1.1\r\nX-Note: caf\xe9\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         assert_eq!(verdicts_for(stream, &[]), [true]);
+    }
+
+    #[test]
+    fn trailer_lines_end_at_crlf_only_as_in_hyper() {
+        // hyper's chunked decoder reads the bare LF after the last chunk as the first byte of a
+        // trailer line, so the "request" after it is trailer text and /d is the next request.
+        let stream = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\n\
+GET /smuggled HTTP/1.1\r\nX: y\r\n\r\n\
+POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]), [false, true]);
+        let split: Vec<usize> = (0..stream.len()).collect();
+        assert_eq!(verdicts_for(stream, &split), [false, true]);
+        // A CR in a trailer that is not followed by LF: hyper refuses the body, nothing follows.
+        let stream = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: y\rz\r\n\r\n\
+POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdicts_for(stream, &[]), [false]);
     }
 
     #[test]
