@@ -143,18 +143,34 @@ pub struct ResponseHead {
     pub keep_alive: bool,
 }
 
-/// The hop-by-hop headers left out of an answer, lowercase.
-const HOP_BY_HOP: [&[u8]; 9] = [
-    b"connection",
-    b"keep-alive",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-];
+/// What a hop-by-hop header name is to the answer's parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    Connection,
+    TransferEncoding,
+    Upgrade,
+    Other,
+}
+
+/// Whether `name` is a hop-by-hop header left out of an answer (RFC 9110 §7.6.1, plus the
+/// `Keep-Alive`, `Proxy-Connection` and `Proxy-Authenticate`/`-Authorization` of older
+/// proxies), and which. Dispatched on the length first: every
+/// answer header passes through here, and most are end-to-end.
+fn hop_by_hop(name: &[u8]) -> Option<Hop> {
+    let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+    match name.len() {
+        2 if is(b"te") => Some(Hop::Other),
+        7 if is(b"trailer") => Some(Hop::Other),
+        7 if is(b"upgrade") => Some(Hop::Upgrade),
+        10 if is(b"connection") => Some(Hop::Connection),
+        10 if is(b"keep-alive") => Some(Hop::Other),
+        16 if is(b"proxy-connection") => Some(Hop::Other),
+        17 if is(b"transfer-encoding") => Some(Hop::TransferEncoding),
+        18 if is(b"proxy-authenticate") => Some(Hop::Other),
+        19 if is(b"proxy-authorization") => Some(Hop::Other),
+        _ => None,
+    }
+}
 
 /// The comma-separated items of a header value, trimmed, empty ones left out.
 fn items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
@@ -203,61 +219,79 @@ pub fn parse_response_head(
     // Only a switch keeps its `Upgrade` (a 426's is the upstream's business with the gateway).
     let keep_upgrade = keep_upgrade && status == StatusCode::SWITCHING_PROTOCOLS;
     let lines = &*parsed.headers;
-    let named = |name: &str, wanted: &[u8]| name.as_bytes().eq_ignore_ascii_case(wanted);
 
+    // One pass: the framing headers are read, and where each header that may be kept starts
+    // and ends in the head is noted (offsets fit in u32: the head is at most MAX_HEAD_BYTES).
     let mut close = false;
     let mut connection_names = false;
     let mut transfer_encoding: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
-    for line in lines {
-        if named(line.name, b"connection") {
-            for token in items(line.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    connection_names = true;
-                }
-            }
-        } else if named(line.name, b"transfer-encoding") {
-            transfer_encoding = Some(line.value);
-        } else if named(line.name, b"content-length") {
-            // A list of identical values (`5, 5`) is one length (RFC 9112 §6.3 item 5).
-            for item in line.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let parsed = content_length_value(item)?;
-                if content_length.is_some_and(|seen| seen != parsed) {
-                    return Err(ParseError::ContentLength);
-                }
-                content_length = Some(parsed);
-            }
-        }
-    }
-    let framing = framing(method, status, transfer_encoding, content_length)?;
-
-    // Where each end-to-end header's name and value are in the head.
     let base = buffer.as_ptr() as usize;
-    let offset = |bytes: &[u8]| bytes.as_ptr() as usize - base;
+    let offset = |bytes: &[u8]| (bytes.as_ptr() as usize - base) as u32;
     let mut kept = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let mut count = 0;
     for line in lines {
-        let hop_by_hop = HOP_BY_HOP.iter().any(|hop| named(line.name, hop));
-        let upgrade_kept = keep_upgrade && named(line.name, b"upgrade");
-        let listed = connection_names
-            && lines
-                .iter()
-                .filter(|other| named(other.name, b"connection"))
-                .flat_map(|other| items(other.value))
-                .any(|token| named(line.name, token));
-        if (hop_by_hop || listed) && !upgrade_kept {
-            continue;
+        let name = line.name.as_bytes();
+        match hop_by_hop(name) {
+            Some(Hop::Connection) => {
+                for token in items(line.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        connection_names = true;
+                    }
+                }
+                continue;
+            }
+            Some(Hop::TransferEncoding) => {
+                transfer_encoding = Some(line.value);
+                continue;
+            }
+            Some(Hop::Upgrade) if keep_upgrade => {}
+            Some(Hop::Upgrade | Hop::Other) => continue,
+            None if name.eq_ignore_ascii_case(b"content-length") => {
+                // A list of identical values (`5, 5`) is one length (RFC 9112 §6.3 item 5).
+                for item in line.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    let parsed = content_length_value(item)?;
+                    if content_length.is_some_and(|seen| seen != parsed) {
+                        return Err(ParseError::ContentLength);
+                    }
+                    content_length = Some(parsed);
+                }
+            }
+            None => {}
         }
-        // Head offsets fit in u32: the head is at most MAX_HEAD_BYTES.
         kept[count] = (
-            offset(line.name.as_bytes()) as u32,
-            line.name.len() as u32,
-            offset(line.value) as u32,
+            offset(name),
+            name.len() as u32,
+            offset(line.value),
             line.value.len() as u32,
         );
         count += 1;
+    }
+    let framing = framing(method, status, transfer_encoding, content_length)?;
+
+    // Rare: `Connection` names headers of its own, which are hop-by-hop too.
+    if connection_names {
+        let bytes = &buffer[..length];
+        let listed = |name: &[u8]| {
+            lines
+                .iter()
+                .filter(|line| hop_by_hop(line.name.as_bytes()) == Some(Hop::Connection))
+                .flat_map(|line| items(line.value))
+                .any(|token| token.eq_ignore_ascii_case(name))
+        };
+        let mut still = 0;
+        for index in 0..count {
+            let (name_at, name_len, ..) = kept[index];
+            let name = &bytes[name_at as usize..(name_at + name_len) as usize];
+            let upgrade_kept = keep_upgrade && hop_by_hop(name) == Some(Hop::Upgrade);
+            if upgrade_kept || !listed(name) {
+                kept[still] = kept[index];
+                still += 1;
+            }
+        }
+        count = still;
     }
     let head = buffer.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(count + usize::from(keep_upgrade));
@@ -461,6 +495,42 @@ mod tests {
 
     fn head(text: &str) -> Result<Option<ResponseHead>, ParseError> {
         parse_response_head(&mut BytesMut::from(text), &Method::GET, false)
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_found_in_any_case_and_nothing_else_is() {
+        let hop = [
+            ("connection", Hop::Connection),
+            ("keep-alive", Hop::Other),
+            ("te", Hop::Other),
+            ("trailer", Hop::Other),
+            ("transfer-encoding", Hop::TransferEncoding),
+            ("upgrade", Hop::Upgrade),
+            ("proxy-connection", Hop::Other),
+            ("proxy-authenticate", Hop::Other),
+            ("proxy-authorization", Hop::Other),
+        ];
+        for (name, role) in hop {
+            assert_eq!(hop_by_hop(name.as_bytes()), Some(role), "{name}");
+            assert_eq!(
+                hop_by_hop(name.to_uppercase().as_bytes()),
+                Some(role),
+                "{name}"
+            );
+        }
+        for name in [
+            "content-length",
+            "t",
+            "tf",
+            "trailers",
+            "connectio",
+            "keep-alivf",
+            "proxy-authorizatio",
+            "x-upgrade",
+            "",
+        ] {
+            assert_eq!(hop_by_hop(name.as_bytes()), None, "{name}");
+        }
     }
 
     #[test]
