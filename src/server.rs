@@ -2,6 +2,7 @@
 //! hyper-util's auto builder, connection limits, graceful drain.
 
 pub mod framing;
+pub mod head_deadline;
 pub mod workers;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tower::ServiceExt;
 use crate::stack::edge::ConnInfo;
 
 use self::framing::{FramingObserver, FramingVerdicts, Observed};
+use self::head_deadline::{Activity, HeadDeadline};
 use crate::stack::GatewayService;
 
 /// hyper refuses a read buffer under 8 KiB.
@@ -74,8 +76,9 @@ fn builder(settings: &ServeSettings) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Slowloris: a client dribbling its headers is cut off.
-        .header_read_timeout(settings.header_read_timeout)
+        // Slowloris: a client dribbling its headers is cut off, by the connection's own
+        // `HeadDeadline` (one timer per connection, where hyper's costs one per request).
+        .header_read_timeout(None)
         .max_buf_size(buf_size(settings))
         .keep_alive(true);
     builder
@@ -126,11 +129,16 @@ pub async fn serve(
             framing,
             key_memo: Default::default(),
         };
+        let activity = Arc::new(Activity::new());
+        let deadline = HeadDeadline::new(settings.header_read_timeout, Arc::clone(&activity));
         let svc = service.clone();
         let hyper_service =
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(conn_info.clone());
-                svc.clone().oneshot(request)
+                activity.request_started();
+                let activity = Arc::clone(&activity);
+                let answer = svc.clone().oneshot(request);
+                async move { answer.await.map(|response| activity.answered(response)) }
             });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -138,7 +146,7 @@ pub async fn serve(
             None => {
                 let conn = builder
                     .serve_connection_with_upgrades(
-                        TokioIo::new(Observed::new(stream, observer)),
+                        TokioIo::new(Observed::new(stream, observer, deadline)),
                         hyper_service,
                     )
                     .into_owned();
@@ -173,7 +181,7 @@ pub async fn serve(
                     };
                     let conn = builder
                         .serve_connection_with_upgrades(
-                            TokioIo::new(Observed::new(stream, observer)),
+                            TokioIo::new(Observed::new(stream, observer, deadline)),
                             hyper_service,
                         )
                         .into_owned();

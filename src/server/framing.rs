@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::head_deadline::HeadDeadline;
+
 /// Verdicts for the request heads read on one connection, oldest first.
 #[derive(Debug, Clone, Default)]
 pub struct FramingVerdicts(Arc<Mutex<VecDeque<bool>>>);
@@ -318,9 +320,15 @@ impl FramingObserver {
         }
     }
 
-    /// Stops observing (the connection was upgraded or turned out to be HTTP/2).
+    /// Stops observing (the connection was upgraded to a tunnel).
     pub fn stop(&mut self) {
         self.state = State::Off;
+    }
+
+    /// Still following the connection's requests: not stopped for HTTP/2, a tunnel, or
+    /// framing hyper refuses.
+    pub fn following(&self) -> bool {
+        !matches!(self.state, State::Off)
     }
 }
 
@@ -334,15 +342,21 @@ fn head_end(bytes: &[u8]) -> Option<usize> {
     })
 }
 
-/// An IO stream whose reads are shown to a [`FramingObserver`] on their way to hyper.
+/// An IO stream whose reads are shown to a [`FramingObserver`] on their way to hyper, and
+/// whose waits for a request head are bounded by a [`HeadDeadline`].
 pub struct Observed<IO> {
     inner: IO,
     observer: FramingObserver,
+    deadline: HeadDeadline,
 }
 
 impl<IO> Observed<IO> {
-    pub fn new(inner: IO, observer: FramingObserver) -> Self {
-        Observed { inner, observer }
+    pub fn new(inner: IO, observer: FramingObserver, deadline: HeadDeadline) -> Self {
+        Observed {
+            inner,
+            observer,
+            deadline,
+        }
     }
 }
 
@@ -355,8 +369,20 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Observed<IO> {
         let before = buf.filled().len();
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            this.observer.observe(&buf.filled()[before..]);
+        match result {
+            Poll::Ready(Ok(())) => {
+                if this.deadline.is_tunnel() {
+                    // The bytes of a tunnel are not HTTP requests.
+                    this.observer.stop();
+                }
+                this.observer.observe(&buf.filled()[before..]);
+            }
+            Poll::Pending => {
+                if let Err(err) = this.deadline.poll_expired(this.observer.following(), cx) {
+                    return Poll::Ready(Err(err));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
         }
         result
     }

@@ -12,6 +12,7 @@ mod faults;
 mod fleet;
 mod forwarding;
 mod fuzz_regressions;
+mod head_deadline;
 mod hostile;
 mod incident;
 mod properties;
