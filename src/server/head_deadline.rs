@@ -5,11 +5,13 @@
 //! hyper has this timeout too, but it allocates and registers a fresh timer for every request
 //! head, cancels it once the head is read, and polls the socket once more after every answer to
 //! start the next one: about 1,100 instructions a request on the cached path, where this one
-//! costs about 330 (callgrind: 32,860 -> 32,090 per request; bench/README.md, "Speed work"). Here a connection has one timer for its whole life, looked at only when a read
-//! finds no data, and then with one atomic load until it fires. The timer never runs later than the moment the connection is due to be closed;
-//! when it fires, the connection is closed if it has waited for a head for the whole timeout,
-//! and the timer is set for the next moment that could be due otherwise. On a busy connection
-//! that is once per timeout, not once per request.
+//! costs about 330 (callgrind: 32,860 -> 32,090 per request; bench/README.md, "Speed work").
+//!
+//! Here a connection has one timer for its whole life, looked at only when a read finds no
+//! data, and then with one atomic load until it fires. The timer never runs later than the
+//! moment the connection is due to be closed. When it fires, the connection is closed if it
+//! has waited for a head for the whole timeout; otherwise the timer is set for the next moment
+//! that could be due. On a busy connection that is once per timeout, not once per request.
 //!
 //! A connection waits for a head when every request hyper handed to the gateway has had its
 //! answer written ([`Activity`]), it was not upgraded to a tunnel, and the framing observer
