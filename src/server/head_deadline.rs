@@ -213,55 +213,56 @@ mod tests {
         Duration::from_secs(n)
     }
 
+    /// Moves the paused clock on by `after` seconds, then has a read find no data: whether the
+    /// connection is cut off.
+    async fn cut_off(deadline: &mut HeadDeadline, following: bool, after: u64) -> bool {
+        tokio::time::advance(seconds(after)).await;
+        let mut cx = Context::from_waker(Waker::noop());
+        match deadline.poll_expired(following, &mut cx) {
+            Ok(()) => false,
+            Err(err) => {
+                assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+                true
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_new_connection_waits_one_timeout_for_its_first_head() {
-        let activity = Arc::new(Activity::new());
-        let mut deadline = HeadDeadline::new(seconds(10), Arc::clone(&activity));
-        let mut cx = Context::from_waker(Waker::noop());
-        assert!(deadline.poll_expired(true, &mut cx).is_ok());
-        tokio::time::advance(seconds(9)).await;
-        assert!(deadline.poll_expired(true, &mut cx).is_ok());
-        tokio::time::advance(seconds(2)).await;
-        let err = deadline.poll_expired(true, &mut cx).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let mut deadline = HeadDeadline::new(seconds(10), Arc::new(Activity::new()));
+        assert!(!cut_off(&mut deadline, true, 0).await);
+        assert!(!cut_off(&mut deadline, true, 9).await);
+        assert!(cut_off(&mut deadline, true, 2).await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_wait_starts_when_the_last_answer_is_done() {
         let activity = Arc::new(Activity::new());
         let mut deadline = HeadDeadline::new(seconds(10), Arc::clone(&activity));
-        let mut cx = Context::from_waker(Waker::noop());
 
         // A request in the gateway's hands for three timeouts: nothing runs out.
         activity.request_started();
-        assert!(deadline.poll_expired(true, &mut cx).is_ok());
+        assert!(!cut_off(&mut deadline, true, 0).await);
         for _ in 0..3 {
-            tokio::time::advance(seconds(10)).await;
-            assert!(deadline.poll_expired(true, &mut cx).is_ok());
+            assert!(!cut_off(&mut deadline, true, 10).await);
         }
         let answer = activity.answered(response(200));
-        tokio::time::advance(seconds(5)).await;
-        assert!(deadline.poll_expired(true, &mut cx).is_ok());
+        assert!(!cut_off(&mut deadline, true, 5).await);
         // Done at 35 s: the connection may wait until 45 s.
         drop(answer);
-        tokio::time::advance(seconds(9)).await;
-        assert!(deadline.poll_expired(true, &mut cx).is_ok());
-        tokio::time::advance(seconds(2)).await;
-        let err = deadline.poll_expired(true, &mut cx).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(!cut_off(&mut deadline, true, 9).await);
+        assert!(cut_off(&mut deadline, true, 2).await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_tunnel_never_times_out() {
         let activity = Arc::new(Activity::new());
         let mut deadline = HeadDeadline::new(seconds(1), Arc::clone(&activity));
-        let mut cx = Context::from_waker(Waker::noop());
         activity.request_started();
         drop(activity.answered(response(101)));
         assert!(deadline.is_tunnel());
         for _ in 0..3 {
-            tokio::time::advance(seconds(5)).await;
-            assert!(deadline.poll_expired(true, &mut cx).is_ok());
+            assert!(!cut_off(&mut deadline, true, 5).await);
         }
     }
 
@@ -269,10 +270,8 @@ mod tests {
     async fn a_connection_the_observer_left_never_times_out() {
         // HTTP/2: the observer stops at the preface.
         let mut deadline = HeadDeadline::new(seconds(1), Arc::new(Activity::new()));
-        let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..3 {
-            tokio::time::advance(seconds(5)).await;
-            assert!(deadline.poll_expired(false, &mut cx).is_ok());
+            assert!(!cut_off(&mut deadline, false, 5).await);
         }
     }
 }

@@ -4,10 +4,19 @@
 
 use std::time::{Duration, Instant};
 
-use crate::hostile::RawConn;
+use crate::hostile::{RawConn, Reply};
 use crate::support::Harness;
 
 const TIMEOUT: &str = "[server]\nheader_read_timeout = \"300ms\"\n";
+
+fn assert_status(reply: &Reply, status: u16) {
+    assert_eq!(
+        reply.status,
+        Some(status),
+        "{:?}",
+        String::from_utf8_lossy(&reply.raw)
+    );
+}
 
 fn get(token: &str, extra: &str) -> Vec<u8> {
     format!("GET /app HTTP/1.1\r\nHost: gw\r\nX-Auth-Token: {token}\r\n{extra}\r\n").into_bytes()
@@ -22,20 +31,10 @@ async fn a_slow_answer_is_not_cut_off_and_the_connection_serves_on() {
     let mut conn = RawConn::open(h.addr()).await;
     conn.send(&get(&token, "X-Echo-Delay-Ms: 900\r\n"));
     let slow = conn.reply(false, Duration::from_secs(5)).await;
-    assert_eq!(
-        slow.status,
-        Some(200),
-        "{:?}",
-        String::from_utf8_lossy(&slow.raw)
-    );
+    assert_status(&slow, 200);
     conn.send(&get(&token, ""));
     let next = conn.reply(false, Duration::from_secs(5)).await;
-    assert_eq!(
-        next.status,
-        Some(200),
-        "{:?}",
-        String::from_utf8_lossy(&next.raw)
-    );
+    assert_status(&next, 200);
     assert_eq!(h.upstream.request_count(), 2);
 }
 
@@ -54,12 +53,7 @@ async fn a_slow_request_body_is_not_cut_off() {
         conn.send(piece);
     }
     let answer = conn.reply(false, Duration::from_secs(5)).await;
-    assert_eq!(
-        answer.status,
-        Some(200),
-        "{:?}",
-        String::from_utf8_lossy(&answer.raw)
-    );
+    assert_status(&answer, 200);
     let seen = h.upstream.requests();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].body_len, 9);
@@ -104,21 +98,11 @@ async fn a_quiet_websocket_tunnel_stays_open() {
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
     ));
     let switched = conn.reply(true, Duration::from_secs(5)).await;
-    assert_eq!(
-        switched.status,
-        Some(101),
-        "{:?}",
-        String::from_utf8_lossy(&switched.raw)
-    );
+    assert_status(&switched, 101);
     tokio::time::sleep(Duration::from_millis(900)).await;
     // The demo upstream echoes what comes through the tunnel; an echo framed as an answer head
     // is read here as one.
     conn.send(b"HTTP/1.1 299 Still\r\nContent-Length: 0\r\n\r\n");
     let echoed = conn.reply(false, Duration::from_secs(5)).await;
-    assert_eq!(
-        echoed.status,
-        Some(299),
-        "{:?}",
-        String::from_utf8_lossy(&echoed.raw)
-    );
+    assert_status(&echoed, 299);
 }
