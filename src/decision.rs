@@ -68,7 +68,7 @@ pub struct Decision {
 
 impl Decision {
     /// The user's IAM id, once known.
-    pub fn user_id(&self) -> Option<&str> {
+    pub fn user_id(&self) -> Option<crate::iam::IdentityField<'_>> {
         self.user.as_deref().map(|user| user.identity.user_id())
     }
 

@@ -99,13 +99,13 @@ fn trial(rule: &AllowRule, subject: Subject<'_>, identity: Option<&Identity>) ->
                     list.as_ref()
                         .is_none_or(|list| list.iter().any(|v| v == value))
                 };
-                if !listed(&rule.user_ids, identity.user_id()) {
+                if !listed(&rule.user_ids, &identity.user_id()) {
                     why.push(format!("user id {} not listed", identity.user_id()));
                 }
-                if !listed(&rule.user_names, identity.user_name()) {
+                if !listed(&rule.user_names, &identity.user_name()) {
                     why.push(format!("user name {:?} not listed", identity.user_name()));
                 }
-                if !listed(&rule.domain_ids, identity.domain_id()) {
+                if !listed(&rule.domain_ids, &identity.domain_id()) {
                     why.push(format!("domain id {:?} not listed", identity.domain_id()));
                 }
             }

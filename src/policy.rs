@@ -251,9 +251,9 @@ fn identity_matchers_match(rule: &AllowRule, identity: &Identity) -> bool {
         list.as_ref()
             .is_none_or(|list| list.iter().any(|v| v == value))
     };
-    in_list(&rule.user_ids, identity.user_id())
-        && in_list(&rule.user_names, identity.user_name())
-        && in_list(&rule.domain_ids, identity.domain_id())
+    in_list(&rule.user_ids, &identity.user_id())
+        && in_list(&rule.user_names, &identity.user_name())
+        && in_list(&rule.domain_ids, &identity.domain_id())
 }
 
 /// An IPv4 peer on a dual-stack socket arrives as `::ffff:a.b.c.d`; IPv4 CIDRs must still match.
@@ -387,7 +387,7 @@ mod tests {
             "bg"
         );
         let other =
-            Identity::new("u2", who.user_name(), who.domain_id(), who.domain_name()).unwrap();
+            Identity::new("u2", &who.user_name(), &who.domain_id(), &who.domain_name()).unwrap();
         assert!(p.match_identity(subject(&get, "/"), &other).is_none());
     }
 

@@ -174,12 +174,20 @@ impl Upstream {
         h1::header(&mut out, "x-auth-mfa", principal.mfa.as_bytes());
         if let Some(signer) = &self.assertion {
             let identity = principal.user.as_ref().map(|user| &user.identity);
-            let field = |get: fn(&crate::iam::Identity) -> &str| identity.map_or("", get);
+            let fields = identity.map(|identity| {
+                [
+                    identity.user_id(),
+                    identity.user_name(),
+                    identity.domain_id(),
+                    identity.domain_name(),
+                ]
+            });
+            let field = |i: usize| fields.as_ref().map_or("", |fields| &fields[i]);
             let claims = crate::assertion::Claims {
-                user_id: field(crate::iam::Identity::user_id),
-                user_name: field(crate::iam::Identity::user_name),
-                domain_id: field(crate::iam::Identity::domain_id),
-                domain_name: field(crate::iam::Identity::domain_name),
+                user_id: field(0),
+                user_name: field(1),
+                domain_id: field(2),
+                domain_name: field(3),
                 mfa: principal.mfa.to_str().unwrap_or("none"),
                 request_id: info.request_id.to_str().unwrap_or_default(),
             };
@@ -348,7 +356,9 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 /// The identity headers of CONTRACT §4 a principal carries (`X-Auth-Mfa` aside). Values come
 /// from the IAM; one that is empty (CloudSSO has no domain name) or not a valid header value is
 /// left out rather than forwarded mangled ([`crate::iam::Identity::header_values`]).
-fn identity_values(principal: &Principal) -> impl Iterator<Item = (HeaderName, &str)> {
+fn identity_values(
+    principal: &Principal,
+) -> impl Iterator<Item = (HeaderName, crate::iam::IdentityField<'_>)> {
     const NAMES: [HeaderName; 4] = [
         headers::X_AUTH_USER_ID,
         headers::X_AUTH_USER_NAME,
@@ -369,7 +379,7 @@ fn identity_values(principal: &Principal) -> impl Iterator<Item = (HeaderName, &
 /// endpoint's answer).
 pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
     for (name, value) in identity_values(principal) {
-        if let Ok(value) = HeaderValue::from_str(value) {
+        if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
         }
     }

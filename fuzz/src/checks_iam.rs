@@ -142,16 +142,16 @@ pub fn huawei_parse(data: &[u8]) {
                 let answer = &value["token"];
                 let user = &answer["user"];
                 let identity = &token.identity;
-                assert_eq!(user["id"].as_str(), Some(identity.user_id()), "id");
+                assert_eq!(user["id"].as_str(), Some(&*identity.user_id()), "id");
                 assert!(
-                    !matches!(identity.user_id(), "" | "." | ".."),
+                    !matches!(&*identity.user_id(), "" | "." | ".."),
                     "user id {:?} is not a path segment",
                     identity.user_id()
                 );
-                assert_eq!(user["name"].as_str(), Some(identity.user_name()));
+                assert_eq!(user["name"].as_str(), Some(&*identity.user_name()));
                 let domain = user.get("domain").unwrap_or(&answer["domain"]);
-                assert_eq!(domain["id"].as_str(), Some(identity.domain_id()));
-                assert_eq!(domain["name"].as_str(), Some(identity.domain_name()));
+                assert_eq!(domain["id"].as_str(), Some(&*identity.domain_id()));
+                assert_eq!(domain["name"].as_str(), Some(&*identity.domain_name()));
                 let totp = answer["methods"]
                     .as_array()
                     .is_some_and(|methods| methods.iter().any(|m| m == "totp"));

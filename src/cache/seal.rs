@@ -233,10 +233,10 @@ impl From<&FleetEntry> for WireEntry {
         let facts = match &entry.status {
             TokenStatus::Invalid => None,
             TokenStatus::Valid(facts) => Some(WireFacts {
-                user_id: facts.identity.user_id().to_owned(),
-                user_name: facts.identity.user_name().to_owned(),
-                domain_id: facts.identity.domain_id().to_owned(),
-                domain_name: facts.identity.domain_name().to_owned(),
+                user_id: facts.identity.user_id().to_string(),
+                user_name: facts.identity.user_name().to_string(),
+                domain_id: facts.identity.domain_id().to_string(),
+                domain_name: facts.identity.domain_name().to_string(),
                 expires_at_ms: unix_ms(facts.expires_at),
                 totp_login: facts.totp_login,
                 mfa_device: facts.mfa_device,

@@ -351,7 +351,7 @@ impl SharedCache {
                     .arg(lifetime.as_millis().max(1) as u64)
                     .ignore();
                 if let crate::iam::TokenStatus::Valid(facts) = &entry.status {
-                    let index_key = shared.index_key(facts.identity.user_id());
+                    let index_key = shared.index_key(&facts.identity.user_id());
                     pipe.sadd(&index_key, &entry_key)
                         .ignore()
                         .pexpire(&index_key, shared.index_ttl.as_millis() as i64)

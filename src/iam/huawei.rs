@@ -179,7 +179,8 @@ impl HuaweiProvider {
             Verified::Valid(verified) => verified,
         };
 
-        let user_id = verified.identity.user_id();
+        let user_id_field = verified.identity.user_id();
+        let user_id: &str = &user_id_field;
         let segment = encode_segment(user_id);
         let device = async {
             if !needs.mfa_device {
@@ -883,7 +884,10 @@ mod tests {
         token["domain"] = serde_json::json!({"id": "d2", "name": "scope"});
         let parsed = valid(parse_verify(st(200), &verify_body(token.clone())));
         assert_eq!(
-            (parsed.identity.domain_id(), parsed.identity.domain_name()),
+            (
+                &*parsed.identity.domain_id(),
+                &*parsed.identity.domain_name()
+            ),
             ("d2", "scope")
         );
         token.as_object_mut().unwrap().remove("domain");

@@ -192,7 +192,8 @@ where
             let reason_label = counted.map(|(_, reason)| reason.label());
 
             let path = slot.path().unwrap_or("-");
-            let user_id = decision.and_then(|d| d.user_id()).unwrap_or("-");
+            let user_id = decision.and_then(|d| d.user_id());
+            let user_id = user_id.as_deref().unwrap_or("-");
             let rule = decision.and_then(|d| d.rule.as_deref()).unwrap_or("-");
             let rule_reason = decision
                 .and_then(|d| d.rule_reason.as_deref())
