@@ -379,7 +379,7 @@ fn identity_values(
 /// endpoint's answer).
 pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
     for (name, value) in identity_values(principal) {
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
             headers.insert(name, value);
         }
     }

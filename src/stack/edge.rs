@@ -49,6 +49,19 @@ impl std::fmt::Display for PeerIp {
     }
 }
 
+/// The user id for the access log, `-` before one is known; spelled out (a packed id) only if
+/// the event is logged.
+struct UserIdOf<'a>(Option<&'a crate::decision::Decision>);
+
+impl std::fmt::Display for UserIdOf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.and_then(|decision| decision.user_id()) {
+            Some(user_id) => f.write_str(&user_id),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// A fresh `X-Request-Id`: a random (v4) UUID, hyphenated, formatted on the stack.
 fn new_request_id() -> HeaderValue {
     let mut buffer = uuid::Uuid::encode_buffer();
@@ -192,8 +205,7 @@ where
             let reason_label = counted.map(|(_, reason)| reason.label());
 
             let path = slot.path().unwrap_or("-");
-            let user_id = decision.and_then(|d| d.user_id());
-            let user_id = user_id.as_deref().unwrap_or("-");
+            let user_id = UserIdOf(decision);
             let rule = decision.and_then(|d| d.rule.as_deref()).unwrap_or("-");
             let rule_reason = decision
                 .and_then(|d| d.rule_reason.as_deref())
@@ -209,8 +221,8 @@ where
                     tracing::error!(
                         target: "mfa_gate::access",
                         request_id = request_id_text, method = %method, path, status,
-                        decision = decision_label, reason = reason_label, user_id, rule, rule_reason,
-                        client = %peer, latency_ms, error = %cause,
+                        decision = decision_label, reason = reason_label, user_id = %user_id, rule,
+                        rule_reason, client = %peer, latency_ms, error = %cause,
                         "request"
                     );
                 }
@@ -218,8 +230,8 @@ where
                     tracing::info!(
                         target: "mfa_gate::access",
                         request_id = request_id_text, method = %method, path, status,
-                        decision = decision_label, reason = reason_label, user_id, rule, rule_reason,
-                        client = %peer, latency_ms,
+                        decision = decision_label, reason = reason_label, user_id = %user_id, rule,
+                        rule_reason, client = %peer, latency_ms,
                         "request"
                     );
                 }
