@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -229,21 +229,21 @@ impl Upstream {
             websocket,
         };
 
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.pool.send(outgoing, body)).await;
+        let started = tokio::time::Instant::now();
+        let result = self.pool.send(outgoing, body, started + self.timeout).await;
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
         let mut response = match result {
-            Err(_) => {
+            Err(pool::SendError::Timeout) => {
                 self.count(CLASS_TIMEOUT);
                 return Err(GatewayError::UpstreamTimeout(self.timeout));
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 self.count(CLASS_ERROR);
                 return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
             }
-            Ok(Ok(response)) => response,
+            Ok(response) => response,
         };
         self.count(status_class(response.status()));
 

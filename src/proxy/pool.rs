@@ -16,6 +16,7 @@
 //! and its method is idempotent (RFC 9110 §9.2.2), so sending it again is safe.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_rustls::client::TlsStream;
 
 use super::h1::{self, ChunkedDecoder, Decoded, ParseError, RequestFraming, ResponseFraming};
@@ -91,8 +93,18 @@ impl AsyncWrite for Io {
     }
 }
 
-/// One keep-alive connection and its buffers.
+/// One keep-alive connection: the socket with its buffers, and the timer of its requests.
 struct Conn {
+    link: Link,
+    /// `upstream.timeout` of the request on this connection. One timer for the connection's
+    /// life, set again for each request: moving a registered deadline later is one atomic
+    /// operation, where a fresh timer per request (`tokio::time::timeout`) is registered in the
+    /// timer wheel and removed again, and wraps, so copies, the whole exchange's future.
+    timer: Pin<Box<Sleep>>,
+}
+
+/// A connection's socket and buffers.
+struct Link {
     io: Io,
     /// Bytes read from the upstream and not yet consumed.
     buffer: BytesMut,
@@ -100,7 +112,7 @@ struct Conn {
     out: Vec<u8>,
 }
 
-impl Conn {
+impl Link {
     /// Whether an idle connection can still take a request: the upstream has neither closed
     /// it nor sent anything unasked. Costs no system call while the socket has been quiet.
     fn is_open(&mut self) -> bool {
@@ -293,6 +305,31 @@ pub enum SendError {
     Parse(#[from] ParseError),
     #[error("the client's request body failed: {0}")]
     Body(#[source] hyper::Error),
+    /// No answer head by the request's deadline.
+    #[error("no upstream answer in time")]
+    Timeout,
+}
+
+/// An exchange on a connection that gives up when the connection's timer fires. The timer is
+/// looked at only when the exchange has to wait.
+struct Within<'a, F> {
+    work: Pin<&'a mut F>,
+    timer: Pin<&'a mut Sleep>,
+}
+
+impl<F, T> Future for Within<'_, F>
+where
+    F: Future<Output = Result<T, SendError>>,
+{
+    type Output = Result<T, SendError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(outcome) = self.work.as_mut().poll(cx) {
+            return Poll::Ready(outcome);
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        Poll::Ready(Err(SendError::Timeout))
+    }
 }
 
 impl SendError {
@@ -348,12 +385,14 @@ impl Pool {
         })))
     }
 
-    /// Sends the request on an idle connection or a new one. The answer's body gives the
-    /// connection back to the pool once read to its end.
+    /// Sends the request on an idle connection or a new one, and gives up at `deadline` if no
+    /// answer head has come by then. The answer's body gives the connection back to the pool
+    /// once read to its end.
     pub async fn send(
         &self,
         request: Outgoing<'_>,
         mut body: Incoming,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let resendable = matches!(
             request.framing,
@@ -368,13 +407,29 @@ impl Pool {
                 None
             };
             let (mut conn, reused) = match idle {
-                Some(conn) => (conn, true),
+                Some(mut conn) => {
+                    conn.timer.as_mut().reset(deadline);
+                    (conn, true)
+                }
                 // Boxed: connecting (TCP, maybe TLS) is rare and its future is large; inline,
                 // it would be part of every request's future and be copied with it.
-                None => (Box::pin(self.connect()).await?, false),
+                None => match Box::pin(tokio::time::timeout_at(deadline, self.connect(deadline)))
+                    .await
+                {
+                    Ok(conn) => (conn?, false),
+                    Err(_) => return Err(SendError::Timeout),
+                },
             };
-            conn.out.extend_from_slice(request.head);
-            match conn.exchange(&request, &mut body).await {
+            conn.link.out.extend_from_slice(request.head);
+            let outcome = {
+                let exchange = std::pin::pin!(conn.link.exchange(&request, &mut body));
+                Within {
+                    work: exchange,
+                    timer: conn.timer.as_mut(),
+                }
+                .await
+            };
+            match outcome {
                 Ok((head, complete)) => return Ok(self.answer(conn, head, complete)),
                 Err(err) if reused && resendable && err.is_stale() => {
                     tracing::debug!(cause = %err, "reused upstream connection was closed; sending again");
@@ -431,14 +486,15 @@ impl Pool {
                 idle.clear();
                 return None;
             }
-            if conn.is_open() {
+            if conn.link.is_open() {
                 return Some(conn);
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<Conn, SendError> {
+    /// A new connection, its timer set for the request at `deadline` that it is opened for.
+    async fn connect(&self, deadline: tokio::time::Instant) -> Result<Conn, SendError> {
         let inner = &self.0;
         let connect = TcpStream::connect((inner.host.as_str(), inner.port));
         let tcp = match tokio::time::timeout(inner.connect_timeout, connect).await {
@@ -466,9 +522,12 @@ impl Pool {
             }
         };
         Ok(Conn {
-            io,
-            buffer: BytesMut::with_capacity(READ_SIZE),
-            out: Vec::with_capacity(1024),
+            link: Link {
+                io,
+                buffer: BytesMut::with_capacity(READ_SIZE),
+                out: Vec::with_capacity(1024),
+            },
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
         })
     }
 
@@ -522,7 +581,7 @@ pub struct Upgraded(Conn);
 impl Upgraded {
     /// The connection, and what the upstream sent after the 101 head.
     pub fn into_parts(self) -> (Io, Bytes) {
-        (self.0.io, self.0.buffer.freeze())
+        (self.0.link.io, self.0.link.buffer.freeze())
     }
 }
 
@@ -537,7 +596,7 @@ impl UpstreamBody {
     fn finish(&mut self) {
         self.state = BodyState::Done;
         if let Some(lease) = self.lease.take() {
-            if lease.reusable && lease.conn.buffer.is_empty() {
+            if lease.reusable && lease.conn.link.buffer.is_empty() {
                 lease.pool.put(lease.conn);
             }
         }
@@ -564,7 +623,7 @@ impl Body for UpstreamBody {
             let Some(lease) = this.lease.as_mut() else {
                 return Poll::Ready(None);
             };
-            let buffer = &mut lease.conn.buffer;
+            let buffer = &mut lease.conn.link.buffer;
             match &mut this.state {
                 BodyState::Done => return Poll::Ready(None),
                 BodyState::Length(remaining) if !buffer.is_empty() => {
@@ -591,7 +650,7 @@ impl Body for UpstreamBody {
                 }
                 _ => {}
             }
-            let conn = &mut lease.conn;
+            let conn = &mut lease.conn.link;
             conn.buffer.reserve(READ_SIZE);
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut conn.io),

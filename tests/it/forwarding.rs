@@ -263,6 +263,55 @@ async fn slow_upstream_is_a_json_504() {
     );
 }
 
+/// Each pooled upstream connection keeps one timer for its requests: it must be set again for
+/// every request, whether it fired while the connection sat idle or the last request timed out.
+#[tokio::test]
+async fn each_request_on_a_reused_upstream_connection_gets_the_whole_timeout() {
+    let h = Harness::with_config("[upstream]\ntimeout = \"400ms\"\n").await;
+    let token = h.token("alice");
+    let get = |delay_ms: &'static str| {
+        let token = token.clone();
+        let h = &h;
+        async move {
+            let started = std::time::Instant::now();
+            let answer = h
+                .get(
+                    "/",
+                    &[("x-auth-token", &token), ("x-echo-delay-ms", delay_ms)],
+                )
+                .await;
+            (answer.status, started.elapsed())
+        }
+    };
+    assert_eq!(get("0").await.0, StatusCode::OK);
+    // Longer than the timeout: the connection's timer, set for the first request, runs out
+    // while the connection is idle in the pool.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get("0").await.0, StatusCode::OK, "idle connection reused");
+    assert_eq!(get("250").await.0, StatusCode::OK, "within the timeout");
+    let (status, took) = get("3000").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        took >= Duration::from_millis(350),
+        "timed out early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "timed out late: {took:?}");
+    // The timed-out connection is dropped; the next request gets a fresh one and its own
+    // timeout again.
+    assert_eq!(get("250").await.0, StatusCode::OK, "after a timeout");
+    assert_eq!(get("0").await.0, StatusCode::OK);
+    assert_eq!(
+        h.upstream.connections_accepted(),
+        2,
+        "one connection until the timeout, one after it"
+    );
+    assert_eq!(
+        h.metric("mfa_gate_upstream_responses_total{class=\"timeout\"}")
+            .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn oversized_header_blocks_get_431_and_the_gateway_keeps_serving() {
     let h = Harness::with_config("[server]\nmax_header_bytes = 4096\n").await;
