@@ -33,6 +33,8 @@ WORKDIR /src
 #    rebuilt only when Cargo.toml or Cargo.lock change, not on every source edit. (The [[test]]
 #    target's file is not needed for `cargo build`.)
 COPY Cargo.toml Cargo.lock ./
+# The allocator crate is a path dependency (and a workspace member): needed from the start.
+COPY crates ./crates
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

@@ -106,7 +106,7 @@ enum Command {
 /// is then what the gateway would spend, not what glibc's malloc would.
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: mfa_gate_allocator::MiMalloc = mfa_gate_allocator::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
