@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Instructions per request on the cached path, by callgrind: repeatable whatever else the
+# machine does, so one change at a time can be weighed (bench/README.md, "Profile").
+#
+#   bash bench/profile.sh                     # mfa-gate, warm token, 10 s of load
+#   bash bench/profile.sh --binary PATH       # another mfa-gate build (default: the release
+#                                             # build in $CARGO_TARGET_DIR, /tmp/target-bench)
+#   bash bench/profile.sh --seconds 20 --top 40
+#
+# The proxy runs alone on CPU 0 under `valgrind --tool=callgrind --instr-atstart=no`, one
+# worker; the upstream (nginx, `return 200 "ok"`), the IAM (`mfa-gate dev`'s simulator, for the
+# one verification of the warm token) and `wrk -t1 -c64` run on CPU 1. Instrumentation is on
+# only while wrk runs; the total is divided by the requests the upstream counted
+# (`stub_status`). Prints instructions per request and the top functions (self cost), and
+# leaves the callgrind file in $BENCH_OUT/profile/ for callgrind_annotate --inclusive=yes.
+# For line-level attribution build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only.
+# Loopback only; every server is stopped by pid at the end.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/target-bench}"
+OUT="${BENCH_OUT:-$HERE/out}/profile"
+binary="$TARGET_DIR/release/mfa-gate"
+seconds=10
+top=25
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --binary) shift; binary="${1:?--binary needs a path}" ;;
+        --seconds) shift; seconds="${1:?--seconds needs a value}" ;;
+        --top) shift; top="${1:?--top needs a value}" ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench/profile.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+
+for tool in valgrind callgrind_control callgrind_annotate wrk nginx taskset curl; do
+    command -v "$tool" >/dev/null || { echo "bench/profile.sh: needs $tool (Debian: valgrind, wrk, nginx-light, util-linux, curl)" >&2; exit 69; }
+done
+[ -x "$binary" ] || { echo "bench/profile.sh: no mfa-gate binary at $binary (build it: CARGO_TARGET_DIR=$TARGET_DIR cargo build --release)" >&2; exit 69; }
+
+rm -rf "$OUT" && mkdir -p "$OUT"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "bench/profile.sh: $1 did not come up" >&2; exit 70; }
+
+up_port=$(free_port)
+cat > "$OUT/upstream.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $OUT/upstream.pid;
+error_log $OUT/upstream.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$up_port; location / { return 200 "ok"; } location = /status { stub_status; } }
+}
+EOF
+taskset -c 1 nginx -p "$OUT" -c "$OUT/upstream.conf" & pids+=($!)
+wait_for "http://127.0.0.1:$up_port/status"
+
+proxy_port=$(free_port)
+token=""
+{
+    dev_port=$(free_port) dev_admin=$(free_port)
+    taskset -c 1 "$binary" dev --listen "127.0.0.1:$dev_port" --admin-listen "127.0.0.1:$dev_admin" \
+        > "$OUT/dev.log" 2>&1 & pids+=($!)
+    wait_for "http://127.0.0.1:$dev_admin/healthz"
+    iam=$(grep -o 'iam=http://[0-9.:]*' "$OUT/dev.log" | head -1 | cut -d= -f2)
+    token=$(grep -o 'demo-alice-[0-9a-f]*' "$OUT/dev.log" | head -1)
+    cat > "$OUT/gateway.toml" <<EOF
+[server]
+listen = "127.0.0.1:$proxy_port"
+[admin]
+listen = "127.0.0.1:$(free_port)"
+[upstream]
+url = "http://127.0.0.1:$up_port"
+[iam]
+provider = "huawei"
+endpoint = "$iam"
+[policy]
+require = "mfa_device"
+[cache]
+ttl = "1h"
+EOF
+    TOKIO_WORKER_THREADS=1 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$OUT/callgrind.%p" "$binary" --log-level warn run \
+        --config "$OUT/gateway.toml" > "$OUT/valgrind.log" 2>&1 & pids+=($!)
+}
+header=(-H "X-Auth-Token: $token")
+[ -n "$token" ] || header=()
+for _ in $(seq 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "${header[@]}" "http://127.0.0.1:$proxy_port/x")" = 200 ] && break
+    sleep 0.1
+done
+
+upstream_requests() { curl -s "http://127.0.0.1:$up_port/status" | sed -n 3p | awk '{print $3}'; }
+callgrind_control -i on > /dev/null
+before=$(upstream_requests)
+taskset -c 1 wrk -t1 -c64 -d"${seconds}s" "${header[@]}" "http://127.0.0.1:$proxy_port/x" > "$OUT/wrk.txt"
+after=$(upstream_requests)
+callgrind_control -i off > /dev/null
+callgrind_control -d > /dev/null
+sleep 1
+requests=$((after - before - 1)) # the last status request counts itself
+
+total=0
+for file in "$OUT"/callgrind.*; do
+    [ -s "$file" ] || continue
+    ir=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    [ -n "$ir" ] && total=$((total + ir))
+done
+echo "proxy: mfa-gate ($binary)"
+echo "requests through the proxy: $requests in ${seconds} s under callgrind"
+echo "instructions per request: $((total / requests))"
+echo
+biggest=$(ls -S "$OUT"/callgrind.* | head -1)
+callgrind_annotate "$biggest" 2>/dev/null | awk -v top="$top" '/file:function/ {on=1; next} on && NF && n < top {print; n++}' | cut -c1-160
+echo
+echo "callgrind files: $OUT (callgrind_annotate --inclusive=yes $biggest)"
