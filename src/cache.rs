@@ -34,7 +34,7 @@ use moka::Expiry;
 use rand::RngCore;
 use sha2::Sha256;
 
-use self::memo::KeyMemo;
+use self::memo::{KeyMemo, Recalled};
 use self::seal::FleetEntry;
 use self::shared::{FleetEvent, Lock, Read, SharedCache};
 use self::stamp::Stamp;
@@ -176,6 +176,11 @@ struct Inner {
     /// waiting on it but is not cached (here or in the fleet): it may describe what the purge
     /// was meant to forget, e.g. an MFA device disabled while the IAM call was in flight.
     purges: AtomicU64,
+    /// Bumped after entries left the caches by invalidation (a purge, or an answer that raced
+    /// one): a connection's remembered answer ([`KeyMemo`]) read before is not used again.
+    /// Unlike `purges`, bumped once the entries are gone, so that an answer read during a
+    /// purge is not remembered as current.
+    forgets: AtomicU64,
     /// The keyed HMAC state, cloned per token (the key schedule is computed once).
     mac: Hmac<Sha256>,
     /// Replaced when a config reload changes `[iam]` (and then the entries are purged).
@@ -232,6 +237,7 @@ impl TokenCache {
                 .build(),
             inflight: Mutex::new(HashMap::new()),
             purges: AtomicU64::new(0),
+            forgets: AtomicU64::new(0),
             mac,
             provider: ArcSwap::from_pointee(provider),
             policy,
@@ -261,22 +267,32 @@ impl TokenCache {
         self.lookup_key(self.key(token), token).await
     }
 
-    /// [`TokenCache::lookup`] for a request on a client connection whose last token (and its
-    /// key) `memo` remembers: the same token again costs no HMAC.
+    /// [`TokenCache::lookup`] for a request on a client connection whose last token `memo`
+    /// remembers: the same token again costs no HMAC, and while the cache's answer for it is
+    /// fresh (and nothing was purged since), no cache lookup either.
     pub async fn lookup_on(
         &self,
         token: &Token,
         memo: &KeyMemo,
     ) -> Result<(TokenStatus, CacheResult), Arc<IamError>> {
-        let key = match memo.recall(self.0.id, token) {
-            Some(key) => key,
-            None => {
+        // Read before the cache is: an invalidation from here on makes the answer a memo.
+        let forgets = self.0.forgets.load(Ordering::Acquire);
+        let key = match memo.recall(self.0.id, token, forgets, Stamp::now()) {
+            Recalled::Answer(_, status) => return Ok(self.counted(status, CacheResult::Hit)),
+            Recalled::Key(key) => key,
+            Recalled::Nothing => {
                 let key = self.key(token);
                 memo.remember(self.0.id, token, key);
                 key
             }
         };
-        self.lookup_key(key, token).await
+        let (entry, result) = self.lookup_entry(key, token).await?;
+        // Only an answer read from the cache: a fetch's answer may have raced a purge (and be
+        // taken out again right after), one read from the cache after `forgets` has not.
+        if result == CacheResult::Hit {
+            memo.learn(self.0.id, &key, forgets, entry.clone());
+        }
+        Ok((entry.status, result))
     }
 
     async fn lookup_key(
@@ -284,21 +300,33 @@ impl TokenCache {
         key: Key,
         token: &Token,
     ) -> Result<(TokenStatus, CacheResult), Arc<IamError>> {
+        let (entry, result) = self.lookup_entry(key, token).await?;
+        Ok((entry.status, result))
+    }
+
+    /// The entry for `key`: a fresh one from the cache, else fetched, else (while the IAM
+    /// fails) a stale one. Counted under its result.
+    async fn lookup_entry(
+        &self,
+        key: Key,
+        token: &Token,
+    ) -> Result<(Entry, CacheResult), Arc<IamError>> {
         let cached = match self.0.valid.get(&local(&key)).await {
             Some(entry) => Some(entry),
             None => self.0.invalid.get(&local(&key)).await,
         };
-        if let Some(entry) = &cached {
-            if Stamp::now() < entry.fresh_until {
-                return Ok(self.counted(entry.status.clone(), CacheResult::Hit));
-            }
+        if let Some(entry) = cached
+            .as_ref()
+            .filter(|entry| Stamp::now() < entry.fresh_until)
+        {
+            return Ok(self.counted(entry.clone(), CacheResult::Hit));
         }
         match self.fetch(key, token).await {
-            Ok(entry) => Ok(self.counted(entry.status.clone(), CacheResult::Miss)),
+            Ok(entry) => Ok(self.counted(entry, CacheResult::Miss)),
             Err(err) => match cached {
                 Some(entry) if Stamp::now() < entry.stale_until => {
                     tracing::warn!(cause = %err, "IAM failing; serving a stale cache entry");
-                    Ok(self.counted(entry.status.clone(), CacheResult::Stale))
+                    Ok(self.counted(entry, CacheResult::Stale))
                 }
                 _ => {
                     self.count(CacheResult::Miss);
@@ -308,9 +336,9 @@ impl TokenCache {
         }
     }
 
-    fn counted(&self, status: TokenStatus, result: CacheResult) -> (TokenStatus, CacheResult) {
+    fn counted<T>(&self, found: T, result: CacheResult) -> (T, CacheResult) {
         self.count(result);
-        (status, result)
+        (found, result)
     }
 
     fn count(&self, result: CacheResult) {
@@ -414,6 +442,7 @@ impl TokenCache {
             }
             purged += keys.len() as u64;
         }
+        self.0.forgets.fetch_add(1, Ordering::AcqRel);
         purged
     }
 
@@ -425,6 +454,7 @@ impl TokenCache {
         self.0.invalid.invalidate_all();
         self.0.valid.run_pending_tasks().await;
         self.0.invalid.run_pending_tasks().await;
+        self.0.forgets.fetch_add(1, Ordering::AcqRel);
         count
     }
 
@@ -444,6 +474,7 @@ impl TokenCache {
         for key in &keys {
             self.0.valid.invalidate(key.as_ref()).await;
         }
+        self.0.forgets.fetch_add(1, Ordering::AcqRel);
         keys.len() as u64
     }
 
@@ -560,8 +591,10 @@ impl Inner {
         };
         cache.insert(local(&key), entry.clone()).await;
         if self.purged_since(purges) {
-            // The purge may have run before the insert: take it out again.
+            // The purge may have run before the insert: take it out again (and out of the
+            // connections that read it meanwhile).
             cache.invalidate(&local(&key)).await;
+            self.forgets.fetch_add(1, Ordering::AcqRel);
             tracing::debug!("a purge came during this fetch: its answer is used once, not cached");
         }
         entry

@@ -913,3 +913,106 @@ async fn a_second_unverified_token_never_rides_along() {
     );
     assert_eq!(answer.seen_header("x-auth-token"), Some(alice));
 }
+
+/// One client connection kept open across requests, as a keep-alive client (or a front
+/// proxy's pool) keeps it: what the gateway remembers per connection must not outlive what its
+/// cache would answer.
+struct KeptAlive {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    token: String,
+}
+
+impl KeptAlive {
+    async fn open(h: &Harness, user: &str) -> KeptAlive {
+        let stream = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        KeptAlive {
+            sender,
+            token: h.token(user),
+        }
+    }
+
+    async fn status(&mut self) -> StatusCode {
+        let request = http::Request::get("/")
+            .header("host", "localhost")
+            .header("x-auth-token", &self.token)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(request))
+                .await
+                .expect("request timed out")
+                .expect("request failed on the kept-alive connection");
+        answer.status()
+    }
+}
+
+#[tokio::test]
+async fn a_purge_reaches_a_connection_kept_open() {
+    let h = Harness::start().await;
+    let alice = h.user("alice").clone();
+    let mut conn = KeptAlive::open(&h, "alice").await;
+    assert_eq!(conn.status().await, StatusCode::OK);
+    assert_eq!(conn.status().await, StatusCode::OK);
+    assert_eq!(
+        h.sim.calls(Api::VerifyToken),
+        1,
+        "the second request was a hit"
+    );
+    // Her device is disabled and her entries purged, as `/admin/mfa/disable` does.
+    h.sim.set_mfa_device(&alice.user_id, None);
+    let purge = h.admin_url(&format!("/admin/cache/purge?user_id={}", alice.user_id));
+    assert_eq!(
+        send(Method::POST, &purge, &[], Bytes::new()).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        conn.status().await,
+        StatusCode::FORBIDDEN,
+        "the connection still used what it knew before the purge"
+    );
+    assert_eq!(h.sim.calls(Api::VerifyToken), 2);
+    let purge_all = h.admin_url("/admin/cache/purge");
+    assert_eq!(
+        send(Method::POST, &purge_all, &[], Bytes::new())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(conn.status().await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        h.sim.calls(Api::VerifyToken),
+        3,
+        "a purge of everything too"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_kept_open_asks_again_once_the_answer_is_no_longer_fresh() {
+    let h = Harness::with_config("[cache]\nttl = \"5m\"\nnegative_ttl = \"500ms\"\n").await;
+    let carol = h.user("carol").clone();
+    let mut conn = KeptAlive::open(&h, "carol").await;
+    assert_eq!(conn.status().await, StatusCode::FORBIDDEN);
+    assert_eq!(conn.status().await, StatusCode::FORBIDDEN);
+    h.sim
+        .set_mfa_device(&carol.user_id, Some("iam/mfa/carol".into()));
+    assert_eq!(
+        conn.status().await,
+        StatusCode::FORBIDDEN,
+        "within negative_ttl"
+    );
+    assert_eq!(h.sim.calls(Api::VerifyToken), 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(conn.status().await, StatusCode::OK);
+    assert_eq!(h.sim.calls(Api::VerifyToken), 2);
+    assert_eq!(
+        h.metric("mfa_gate_cache_lookups_total{result=\"hit\"}")
+            .await,
+        2.0,
+        "answers from the connection's memory count as cache hits"
+    );
+}
