@@ -228,7 +228,15 @@ pub fn parse_response_head(
     let mut content_length: Option<u64> = None;
     let base = buffer.as_ptr() as usize;
     let offset = |bytes: &[u8]| (bytes.as_ptr() as usize - base) as u32;
-    let mut kept = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // On the stack for the usual answer; a long head's offsets go to the heap.
+    let mut few = [(0u32, 0u32, 0u32, 0u32); FEW_HEADERS];
+    let mut many = Vec::new();
+    let kept: &mut [(u32, u32, u32, u32)] = if lines.len() <= FEW_HEADERS {
+        &mut few
+    } else {
+        many.resize(lines.len(), (0, 0, 0, 0));
+        &mut many
+    };
     let mut count = 0;
     for line in lines {
         let name = line.name.as_bytes();
@@ -297,8 +305,7 @@ pub fn parse_response_head(
     let mut headers = HeaderMap::with_capacity(count + usize::from(keep_upgrade));
     for &(name_at, name_len, value_at, value_len) in &kept[..count] {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len as usize])
-            .map_err(|_| ParseError::Header)?;
+        let name = answer_header_name(&head[name_at..name_at + name_len as usize])?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
                 .map_err(|_| ParseError::Header)?;
@@ -314,6 +321,41 @@ pub fn parse_response_head(
         framing,
         keep_alive: version == Version::HTTP_11 && !close,
     }))
+}
+
+/// The header lines of an answer whose offsets [`parse_response_head`] keeps on the stack (an
+/// nginx or a framework answer has 5–10).
+const FEW_HEADERS: usize = 24;
+
+/// A header name of an answer. The names most answers carry are matched directly, which costs
+/// a fraction of `HeaderName::from_bytes` (lowercasing into a scratch buffer, then a lookup
+/// among all the standard names); httparse has already checked that the name is a token.
+fn answer_header_name(name: &[u8]) -> Result<HeaderName, ParseError> {
+    use http::header::{
+        ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, DATE, ETAG, EXPIRES,
+        LAST_MODIFIED, LOCATION, SERVER, SET_COOKIE, VARY,
+    };
+    let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+    let common = match name.len() {
+        4 if is(b"date") => Some(DATE),
+        4 if is(b"etag") => Some(ETAG),
+        4 if is(b"vary") => Some(VARY),
+        6 if is(b"server") => Some(SERVER),
+        7 if is(b"expires") => Some(EXPIRES),
+        8 if is(b"location") => Some(LOCATION),
+        10 if is(b"set-cookie") => Some(SET_COOKIE),
+        12 if is(b"content-type") => Some(CONTENT_TYPE),
+        13 if is(b"cache-control") => Some(CACHE_CONTROL),
+        13 if is(b"last-modified") => Some(LAST_MODIFIED),
+        13 if is(b"accept-ranges") => Some(ACCEPT_RANGES),
+        14 if is(b"content-length") => Some(CONTENT_LENGTH),
+        16 if is(b"content-encoding") => Some(CONTENT_ENCODING),
+        _ => None,
+    };
+    match common {
+        Some(name) => Ok(name),
+        None => HeaderName::from_bytes(name).map_err(|_| ParseError::Header),
+    }
 }
 
 /// One `Content-Length` value: digits only, no sign, no more than fit in a `u64`.
@@ -648,6 +690,57 @@ mod tests {
             head("HTTP/1.1 200 OK\r\nbad name: 1\r\n\r\n"),
             Err(ParseError::Head(_))
         ));
+    }
+
+    #[test]
+    fn common_answer_names_are_the_names_from_bytes_gives_in_any_case() {
+        for name in [
+            "date",
+            "etag",
+            "vary",
+            "server",
+            "expires",
+            "location",
+            "set-cookie",
+            "content-type",
+            "cache-control",
+            "last-modified",
+            "accept-ranges",
+            "content-length",
+            "content-encoding",
+            "x-custom",
+            "dat",
+            "servers",
+        ] {
+            for spelling in [name.to_string(), name.to_uppercase()] {
+                assert_eq!(
+                    answer_header_name(spelling.as_bytes()).unwrap(),
+                    HeaderName::from_bytes(spelling.as_bytes()).unwrap(),
+                    "{spelling}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_answer_with_more_headers_than_fit_on_the_stack_keeps_them_all() {
+        for count in [
+            FEW_HEADERS - 1,
+            FEW_HEADERS,
+            FEW_HEADERS + 1,
+            MAX_HEADERS - 1,
+        ] {
+            let lines: String = (0..count).map(|i| format!("X-{i}: v{i}\r\n")).collect();
+            let parsed = head(&format!(
+                "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n{lines}\r\n"
+            ))
+            .unwrap()
+            .unwrap();
+            assert_eq!(parsed.headers.len(), count);
+            for i in 0..count {
+                assert_eq!(parsed.headers[format!("x-{i}").as_str()], format!("v{i}"));
+            }
+        }
     }
 
     #[test]
