@@ -2,7 +2,7 @@
 //!
 //! In request order (CONTRACT §1): request allowlist → token → identity and MFA facts (cache,
 //! then IAM) → identity allowlist → policy. An allowed request leaves with a [`Principal`] in its
-//! extensions, which the proxy requires; a denied one with a [`GatewayError`]. Either way the
+//! context ([`RequestContext`]), which the proxy requires; a denied one with a [`GatewayError`]. Either way the
 //! decision is left in the request's [`DecisionSlot`] for the edge layer to count and log.
 //!
 //! The decision endpoint (`/.mfa-gate/auth`) runs the same decision on the original request
@@ -29,7 +29,8 @@ use crate::error::GatewayError;
 use crate::iam::{TokenStatus, UserFacts};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Subject};
-use crate::proxy::{self, path, Body, Principal, RequestInfo};
+use crate::proxy::{self, path, Body, Principal};
+use crate::stack::context::RequestContext;
 
 use self::token::Token;
 
@@ -221,18 +222,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let slot = request
-                .extensions()
-                .get::<DecisionSlot>()
-                .cloned()
-                .unwrap_or_default();
+            let context = RequestContext::of(&request)?;
+            let slot = context.slot.clone().unwrap_or_default();
             // Borrowed, not copied: the proxy takes it out of the request later.
-            let info = request
-                .extensions()
-                .get::<RequestInfo>()
-                .ok_or(GatewayError::Internal(
-                    "request reached auth without request info",
-                ))?;
+            let info = context.info.as_ref().ok_or(GatewayError::Internal(
+                "request reached auth without request info",
+            ))?;
 
             if &*info.path == DECISION_PATH {
                 let trusted = auth.policy.load().trusted_proxies().to_vec();
@@ -261,7 +256,7 @@ where
             let principal = auth
                 .decide(subject, info.token.as_ref(), &info.key_memo, &slot)
                 .await?;
-            request.extensions_mut().insert(principal);
+            RequestContext::of_mut(&mut request)?.principal = Some(principal);
             inner.call(request).await
         })
     }

@@ -90,11 +90,11 @@ impl Decision {
     }
 }
 
-/// A slot in the request's extensions where the auth layer leaves its decision, so that the
-/// outermost layer can count and log it whatever happens after (the upstream may still fail);
-/// the guard leaves the normalised path there too, for the same log line (a raw path that
-/// failed normalisation is never logged: it is attacker-controlled bytes). One shared
-/// allocation per request holds both.
+/// A slot in the request's context ([`crate::stack::context::RequestContext`]) where the auth
+/// layer leaves its decision, so that the outermost layer can count and log it whatever happens
+/// after (the upstream may still fail); the guard leaves the normalised path there too, for the
+/// same log line (a raw path that failed normalisation is never logged: it is
+/// attacker-controlled bytes). One shared allocation per request holds both.
 #[derive(Debug, Clone, Default)]
 pub struct DecisionSlot(Arc<Slots>);
 

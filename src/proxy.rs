@@ -33,6 +33,7 @@ use crate::config::{TokenConfig, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::iam::UserFacts;
 use crate::metrics::Metrics;
+use crate::stack::context::RequestContext;
 
 /// Errors inside streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -334,20 +335,13 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         let upstream = self.upstream.load_full();
         Box::pin(async move {
             // Taken out, not copied: nothing after the proxy reads them.
-            let principal =
-                request
-                    .extensions_mut()
-                    .remove::<Principal>()
-                    .ok_or(GatewayError::Internal(
-                        "request reached the proxy without a decision",
-                    ))?;
-            let info =
-                request
-                    .extensions_mut()
-                    .remove::<RequestInfo>()
-                    .ok_or(GatewayError::Internal(
-                        "request reached the proxy without request info",
-                    ))?;
+            let context = RequestContext::of_mut(&mut request)?;
+            let principal = context.principal.take().ok_or(GatewayError::Internal(
+                "request reached the proxy without a decision",
+            ))?;
+            let info = context.info.take().ok_or(GatewayError::Internal(
+                "request reached the proxy without request info",
+            ))?;
             upstream.forward(request, &info, &principal).await
         })
     }

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use crate::stack::context::RequestContext;
 use crate::stack::edge::ConnInfo;
 
 use self::framing::{FramingObserver, FramingVerdicts, Observed};
@@ -134,7 +135,9 @@ pub async fn serve(
         let svc = service.clone();
         let hyper_service =
             hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(conn_info.clone());
+                request
+                    .extensions_mut()
+                    .insert(RequestContext::new(conn_info.clone()));
                 activity.request_started();
                 let activity = Arc::clone(&activity);
                 let answer = svc.clone().oneshot(request);

@@ -11,6 +11,7 @@
 //! [`RequestInfo`]: crate::proxy::RequestInfo
 //! [`Principal`]: crate::proxy::Principal
 
+pub mod context;
 pub mod edge;
 pub mod guard;
 

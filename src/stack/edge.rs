@@ -17,6 +17,7 @@ use crate::decision::{DecisionSlot, Reason};
 use crate::error::{Fault, GatewayError};
 use crate::metrics::{Metrics, DECISIONS};
 use crate::proxy::{headers, Body};
+use crate::stack::context::RequestContext;
 
 /// Where the connection came from; put into every request by the server.
 #[derive(Debug, Clone)]
@@ -32,10 +33,6 @@ pub struct ConnInfo {
     /// The connection's last token and its cache key.
     pub key_memo: Arc<crate::cache::memo::KeyMemo>,
 }
-
-/// The request id, chosen here so that even a refused request's answer carries one.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
 
 /// The client address for the access log, formatted lazily.
 struct PeerIp(Option<SocketAddr>);
@@ -151,11 +148,13 @@ where
             let slot = DecisionSlot::default();
             let method = request.method().clone();
             let wants_html = prefers_html(request.headers());
-            let peer = request.extensions().get::<ConnInfo>().map(|c| c.peer);
-            request
-                .extensions_mut()
-                .insert(RequestId(request_id.clone()));
-            request.extensions_mut().insert(slot.clone());
+            // The id is chosen here so that even a refused request's answer carries one.
+            let mut peer = None;
+            if let Ok(context) = RequestContext::of_mut(&mut request) {
+                peer = context.conn.as_ref().map(|conn| conn.peer);
+                context.request_id = Some(request_id.clone());
+                context.slot = Some(slot.clone());
+            }
 
             let result = match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
                 Ok(()) => inner.call(request).await,

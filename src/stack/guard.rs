@@ -18,10 +18,9 @@ use hyper::body::Incoming;
 use futures_util::future::{ready, Either, Ready};
 
 use crate::auth::token;
-use crate::decision::DecisionSlot;
 use crate::error::GatewayError;
 use crate::proxy::{headers, path, Body, RequestInfo};
-use crate::stack::edge::{ConnInfo, RequestId};
+use crate::stack::context::RequestContext;
 
 #[derive(Clone)]
 pub struct GuardLayer {
@@ -160,11 +159,16 @@ fn check(
 
 /// Admits the request or says why not; on admission leaves the [`RequestInfo`] in it.
 fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(), GatewayError> {
-    // Taken, not copied: no later layer reads it (they read the `RequestInfo` made here).
-    let conn = request
-        .extensions_mut()
-        .remove::<ConnInfo>()
+    // Taken, not copied: no later layer reads them (they read the `RequestInfo` made here).
+    let context = RequestContext::of_mut(request)?;
+    let conn = context
+        .conn
+        .take()
         .ok_or(GatewayError::Internal("request without connection info"))?;
+    let request_id = context
+        .request_id
+        .take()
+        .ok_or(GatewayError::Internal("request without request id"))?;
     // hyper drops Content-Length when Transfer-Encoding is present; the framing observer saw
     // the head as it arrived.
     let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
@@ -173,21 +177,20 @@ fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(),
             "Content-Length together with Transfer-Encoding",
         ));
     }
-    // Only this layer reads it: taken, not copied.
-    let request_id = request
-        .extensions_mut()
-        .remove::<RequestId>()
-        .ok_or(GatewayError::Internal("request without request id"))?;
     let (path, (x_auth_token, authorization)) = check(request, max_header_bytes)?;
-    if let Some(slot) = request.extensions().get::<DecisionSlot>() {
+    // Read before the path is recorded, refused after: a refused token's request is logged
+    // with its path too.
+    let token = token::extract_values(x_auth_token, authorization);
+    let context = RequestContext::of_mut(request)?;
+    if let Some(slot) = &context.slot {
         slot.set_path(path.clone());
     }
-    let token = token::extract_values(x_auth_token, authorization).map_err(|err| {
+    let token = token.map_err(|err| {
         tracing::debug!(cause = %err, "token refused before any IAM call");
         GatewayError::InvalidToken
     })?;
-    request.extensions_mut().insert(RequestInfo {
-        request_id: request_id.0,
+    context.info = Some(RequestInfo {
+        request_id,
         peer: conn.peer,
         peer_ip: conn.peer_ip,
         proto: conn.proto,

@@ -1,0 +1,54 @@
+//! What the layers of the stack hand each other about one request, in one request extension.
+//!
+//! The server puts it in; the edge adds the request id and the decision slot; the guard turns
+//! the connection's facts and the id into the [`RequestInfo`]; the auth layer adds the
+//! [`Principal`]; the proxy takes both out. One extension is one allocation and one map entry
+//! per request, where one extension per fact cost five of each, and four removes.
+
+use http::{HeaderValue, Request};
+
+use crate::decision::DecisionSlot;
+use crate::error::GatewayError;
+use crate::proxy::{Principal, RequestInfo};
+use crate::stack::edge::ConnInfo;
+
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Where the connection came from (the server); taken by the guard.
+    pub conn: Option<ConnInfo>,
+    /// The request's `X-Request-Id` (the edge); taken by the guard.
+    pub request_id: Option<HeaderValue>,
+    /// Where the auth layer leaves its decision for the edge to count and log (the edge).
+    pub slot: Option<DecisionSlot>,
+    /// The facts later layers rely on (the guard, on admission).
+    pub info: Option<RequestInfo>,
+    /// Permission to forward (the auth layer, on an allow).
+    pub principal: Option<Principal>,
+}
+
+impl RequestContext {
+    /// The context of a request that arrived on a connection from `conn`.
+    pub fn new(conn: ConnInfo) -> Self {
+        RequestContext {
+            conn: Some(conn),
+            request_id: None,
+            slot: None,
+            info: None,
+            principal: None,
+        }
+    }
+
+    pub fn of<B>(request: &Request<B>) -> Result<&RequestContext, GatewayError> {
+        request
+            .extensions()
+            .get::<RequestContext>()
+            .ok_or(GatewayError::Internal("request without its context"))
+    }
+
+    pub fn of_mut<B>(request: &mut Request<B>) -> Result<&mut RequestContext, GatewayError> {
+        request
+            .extensions_mut()
+            .get_mut::<RequestContext>()
+            .ok_or(GatewayError::Internal("request without its context"))
+    }
+}
