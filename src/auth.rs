@@ -16,9 +16,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::stack::RequestBody;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::cache::memo::KeyMemo;
@@ -200,9 +200,9 @@ pub struct AuthService<S> {
     inner: S,
 }
 
-impl<S> tower::Service<Request<Incoming>> for AuthService<S>
+impl<S> tower::Service<Request<RequestBody>> for AuthService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
+    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = GatewayError>
         + Clone
         + Send
         + 'static,
@@ -216,7 +216,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let auth = self.auth.clone();
         // The service that was polled ready is the one called (tower's clone-and-swap idiom).
         let clone = self.inner.clone();
@@ -225,9 +225,11 @@ where
             let context = RequestContext::of(&request)?;
             let slot = context.slot.clone().unwrap_or_default();
             // Borrowed, not copied: the proxy takes it out of the request later.
-            let info = context.info.as_ref().ok_or(GatewayError::Internal(
-                "request reached auth without request info",
-            ))?;
+            let Some(info) = context.info.as_ref() else {
+                return Err(GatewayError::Internal(
+                    "request reached auth without request info",
+                ));
+            };
 
             if &*info.path == DECISION_PATH {
                 let trusted = auth.policy.load().trusted_proxies().to_vec();

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::stack::RequestBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
@@ -25,7 +26,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 
 use crate::auth::token::Token;
@@ -137,7 +138,7 @@ impl Upstream {
     /// upstream"). Nothing is inserted into or removed from the client's header map.
     fn request_head(
         &self,
-        request: &Request<Incoming>,
+        request: &Request<RequestBody>,
         info: &RequestInfo,
         principal: &Principal,
         websocket: bool,
@@ -209,7 +210,7 @@ impl Upstream {
     /// Forwards the request and streams the answer back.
     pub async fn forward(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
         info: &RequestInfo,
         principal: &Principal,
     ) -> Result<Response<Body>, GatewayError> {
@@ -322,7 +323,7 @@ impl ProxyService {
     }
 }
 
-impl tower::Service<Request<Incoming>> for ProxyService {
+impl tower::Service<Request<RequestBody>> for ProxyService {
     type Response = Response<Body>;
     type Error = GatewayError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
@@ -331,17 +332,17 @@ impl tower::Service<Request<Incoming>> for ProxyService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let upstream = self.upstream.load_full();
         Box::pin(async move {
             // Taken out, not copied: nothing after the proxy reads them.
             let context = RequestContext::of_mut(&mut request)?;
-            let principal = context.principal.take().ok_or(GatewayError::Internal(
-                "request reached the proxy without a decision",
-            ))?;
-            let info = context.info.take().ok_or(GatewayError::Internal(
-                "request reached the proxy without request info",
-            ))?;
+            let (Some(principal), Some(info)) = (context.principal.take(), context.info.take())
+            else {
+                return Err(GatewayError::Internal(
+                    "request reached the proxy without a decision or request info",
+                ));
+            };
             upstream.forward(request, &info, &principal).await
         })
     }

@@ -1,10 +1,14 @@
 //! The main listener: accept loop, HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS) through
-//! hyper-util's auto builder, connection limits, graceful drain.
+//! hyper-util's auto builder, connection limits, graceful drain. On plain connections the
+//! common HTTP/1.1 request (no body, no upgrade) is served by the gateway's own path
+//! ([`own_h1`]) until the first one that is not, from which on hyper serves the connection.
 
 pub mod framing;
 pub mod head_deadline;
+pub mod own_h1;
 pub mod workers;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +24,7 @@ use tower::ServiceExt;
 
 use crate::stack::context::RequestContext;
 use crate::stack::edge::ConnInfo;
+use crate::stack::RequestBody;
 
 use self::framing::{FramingObserver, FramingVerdicts, Observed};
 use self::head_deadline::{Activity, HeadDeadline};
@@ -133,30 +138,48 @@ pub async fn serve(
         let activity = Arc::new(Activity::new());
         let deadline = HeadDeadline::new(settings.header_read_timeout, Arc::clone(&activity));
         let svc = service.clone();
-        let hyper_service =
-            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                request
-                    .extensions_mut()
-                    .insert(RequestContext::new(conn_info.clone()));
-                activity.request_started();
-                let activity = Arc::clone(&activity);
-                let answer = svc.clone().oneshot(request);
-                async move { answer.await.map(|response| activity.answered(response)) }
-            });
+        // Every request of the connection, whichever HTTP/1 server read it.
+        let answer = move |mut request: hyper::Request<RequestBody>| {
+            request
+                .extensions_mut()
+                .insert(RequestContext::new(conn_info.clone()));
+            activity.request_started();
+            let activity = Arc::clone(&activity);
+            let answer = svc.clone().oneshot(request);
+            async move {
+                let Ok(response) = answer.await;
+                activity.answered(response)
+            }
+        };
+        let hyper_answer = answer.clone();
+        let hyper_service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let answer = hyper_answer(request.map(RequestBody::Hyper));
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
         let builder = builder.clone();
+        // Held by the connection's task from the start: the drain waits for it whichever
+        // server is serving the connection.
         let watcher = graceful.watcher();
         match &settings.tls {
             None => {
-                let conn = builder
-                    .serve_connection_with_upgrades(
-                        TokioIo::new(Observed::new(stream, observer, deadline)),
-                        hyper_service,
-                    )
-                    .into_owned();
-                let conn = watcher.watch(conn);
                 let metrics = settings.metrics.clone();
+                let max_head = buf_size(&settings);
+                let shutdown = shutdown.clone();
                 workers::spawn_connection(async move {
-                    if let Err(err) = conn.await {
+                    let stream = Observed::behind_own_path(stream, observer, deadline);
+                    // The common request is served by the gateway's own HTTP/1.1 path;
+                    // hyper takes the connection over at the first one that is not.
+                    let stream = match own_h1::serve(stream, answer, max_head, shutdown).await {
+                        own_h1::Outcome::Closed => return drop(watcher),
+                        own_h1::Outcome::HandOver { read, mut io } => {
+                            io.hand_over(&read);
+                            own_h1::Rewound::new(read, io)
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(conn).await {
                         connection_error(&*err, &metrics, peer);
                     }
                 });

@@ -14,6 +14,9 @@
 pub mod context;
 pub mod edge;
 pub mod guard;
+pub mod request_body;
+
+pub use self::request_body::RequestBody;
 
 use std::sync::Arc;
 

@@ -23,11 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::stack::RequestBody;
 use bytes::{Bytes, BytesMut};
 use http::{Method, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -144,7 +144,7 @@ impl Link {
     async fn exchange(
         &mut self,
         request: &Outgoing<'_>,
-        body: &mut Incoming,
+        body: &mut RequestBody,
     ) -> Result<(h1::ResponseHead, bool), SendError> {
         match self.write_request(body, request.framing).await {
             Ok(()) => Ok((
@@ -166,7 +166,7 @@ impl Link {
 
     async fn write_request(
         &mut self,
-        body: &mut Incoming,
+        body: &mut RequestBody,
         framing: RequestFraming,
     ) -> Result<(), SendError> {
         let chunked = framing == RequestFraming::Chunked;
@@ -391,7 +391,7 @@ impl Pool {
     pub async fn send(
         &self,
         request: Outgoing<'_>,
-        mut body: Incoming,
+        mut body: RequestBody,
         deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let resendable = matches!(

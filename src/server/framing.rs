@@ -348,6 +348,10 @@ pub struct Observed<IO> {
     inner: IO,
     observer: FramingObserver,
     deadline: HeadDeadline,
+    /// The gateway's own HTTP/1.1 path reads the connection (`super::own_h1`): it parses
+    /// every head itself and serves none with a body, so there is nothing to observe until
+    /// hyper takes over ([`Observed::hand_over`]); the head deadline applies all along.
+    own_path: bool,
 }
 
 impl<IO> Observed<IO> {
@@ -356,7 +360,23 @@ impl<IO> Observed<IO> {
             inner,
             observer,
             deadline,
+            own_path: false,
         }
+    }
+
+    /// A stream read by the gateway's own HTTP/1.1 path first.
+    pub fn behind_own_path(inner: IO, observer: FramingObserver, deadline: HeadDeadline) -> Self {
+        Observed {
+            own_path: true,
+            ..Observed::new(inner, observer, deadline)
+        }
+    }
+
+    /// hyper reads the connection from now on, starting with `already_read` (the bytes the
+    /// own path read and left for it, from the start of a request head).
+    pub fn hand_over(&mut self, already_read: &[u8]) {
+        self.own_path = false;
+        self.observer.observe(already_read);
     }
 }
 
@@ -370,6 +390,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Observed<IO> {
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         match result {
+            Poll::Ready(Ok(())) if this.own_path => {}
             Poll::Ready(Ok(())) => {
                 if this.deadline.is_tunnel() {
                     // The bytes of a tunnel are not HTTP requests.
@@ -378,7 +399,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Observed<IO> {
                 this.observer.observe(&buf.filled()[before..]);
             }
             Poll::Pending => {
-                if let Err(err) = this.deadline.poll_expired(this.observer.following(), cx) {
+                let following = this.own_path || this.observer.following();
+                if let Err(err) = this.deadline.poll_expired(following, cx) {
                     return Poll::Ready(Err(err));
                 }
             }

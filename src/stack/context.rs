@@ -38,17 +38,18 @@ impl RequestContext {
         }
     }
 
+    // (`match` rather than `ok_or`: the error is made, and dropped, only when it is returned.)
     pub fn of<B>(request: &Request<B>) -> Result<&RequestContext, GatewayError> {
-        request
-            .extensions()
-            .get::<RequestContext>()
-            .ok_or(GatewayError::Internal("request without its context"))
+        match request.extensions().get::<RequestContext>() {
+            Some(context) => Ok(context),
+            None => Err(GatewayError::Internal("request without its context")),
+        }
     }
 
     pub fn of_mut<B>(request: &mut Request<B>) -> Result<&mut RequestContext, GatewayError> {
-        request
-            .extensions_mut()
-            .get_mut::<RequestContext>()
-            .ok_or(GatewayError::Internal("request without its context"))
+        match request.extensions_mut().get_mut::<RequestContext>() {
+            Some(context) => Ok(context),
+            None => Err(GatewayError::Internal("request without its context")),
+        }
     }
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::stack::RequestBody;
 use http::header::HeaderValue;
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use crate::decision::{DecisionSlot, Reason};
 use crate::error::{Fault, GatewayError};
@@ -114,9 +114,9 @@ impl Drop for InflightGuard {
     }
 }
 
-impl<S> tower::Service<Request<Incoming>> for EdgeService<S>
+impl<S> tower::Service<Request<RequestBody>> for EdgeService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
+    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = GatewayError>
         + Clone
         + Send
         + 'static,
@@ -131,7 +131,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let metrics = self.metrics.clone();
         let mut inner = self.inner.clone();
         Box::pin(async move {

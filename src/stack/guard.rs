@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::stack::RequestBody;
 use http::header::{
     HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING,
 };
 use http::{HeaderMap, Method, Request, Response, Version};
-use hyper::body::Incoming;
 
 use futures_util::future::{ready, Either, Ready};
 
@@ -93,7 +93,7 @@ impl<'a> Census<'a> {
 }
 
 /// The size of the header block as it arrived, near enough: request line plus the lines.
-fn header_block_bytes(request: &Request<Incoming>, census: &Census<'_>) -> usize {
+fn header_block_bytes(request: &Request<RequestBody>, census: &Census<'_>) -> usize {
     let uri = request.uri();
     let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len() + 8);
@@ -105,7 +105,7 @@ type TokenValues<'a> = (Option<&'a HeaderValue>, Option<&'a HeaderValue>);
 
 /// Checks the request head; answers the normalised path and where the token is.
 fn check(
-    request: &Request<Incoming>,
+    request: &Request<RequestBody>,
     max_header_bytes: usize,
 ) -> Result<(Arc<str>, TokenValues<'_>), GatewayError> {
     if request.method() == Method::CONNECT {
@@ -158,17 +158,14 @@ fn check(
 }
 
 /// Admits the request or says why not; on admission leaves the [`RequestInfo`] in it.
-fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(), GatewayError> {
+fn admit(request: &mut Request<RequestBody>, max_header_bytes: usize) -> Result<(), GatewayError> {
     // Taken, not copied: no later layer reads them (they read the `RequestInfo` made here).
     let context = RequestContext::of_mut(request)?;
-    let conn = context
-        .conn
-        .take()
-        .ok_or(GatewayError::Internal("request without connection info"))?;
-    let request_id = context
-        .request_id
-        .take()
-        .ok_or(GatewayError::Internal("request without request id"))?;
+    let (Some(conn), Some(request_id)) = (context.conn.take(), context.request_id.take()) else {
+        return Err(GatewayError::Internal(
+            "request without connection info or request id",
+        ));
+    };
     // hyper drops Content-Length when Transfer-Encoding is present; the framing observer saw
     // the head as it arrived.
     let http1 = matches!(request.version(), Version::HTTP_10 | Version::HTTP_11);
@@ -201,9 +198,9 @@ fn admit(request: &mut Request<Incoming>, max_header_bytes: usize) -> Result<(),
     Ok(())
 }
 
-impl<S> tower::Service<Request<Incoming>> for GuardService<S>
+impl<S> tower::Service<Request<RequestBody>> for GuardService<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = GatewayError>
+    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = GatewayError>
         + Clone
         + Send
         + 'static,
@@ -219,7 +216,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         match admit(&mut request, self.max_header_bytes) {
             // The inner service was polled ready just before, and is called right here.
             Ok(()) => Either::Right(self.inner.call(request)),

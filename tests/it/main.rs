@@ -15,6 +15,7 @@ mod fuzz_regressions;
 mod head_deadline;
 mod hostile;
 mod incident;
+mod own_h1;
 mod properties;
 mod reload;
 mod tls;
