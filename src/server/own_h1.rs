@@ -54,7 +54,8 @@ const FEW_HEADERS: usize = 24;
 const READ_BUF: usize = 8 * 1024;
 const MIN_READ_ROOM: usize = 1024;
 
-/// Answer bytes collected before they are written even if the body has more to come.
+/// Answer bytes collected before they are written even if the body has more to come; a body
+/// piece larger than this is written as it is, not copied.
 const WRITE_COALESCE: usize = 16 * 1024;
 
 /// How the gateway's own handling of a connection ended.
@@ -206,6 +207,10 @@ where
         if !keep || closing {
             let _ = io.shutdown().await;
             return Outcome::Closed;
+        }
+        // A connection kept open long does not keep the buffers of its largest request.
+        if buf.is_empty() && buf.capacity() > 4 * READ_BUF {
+            buf = BytesMut::with_capacity(READ_BUF);
         }
     }
 }
@@ -411,21 +416,25 @@ where
                     _ => continue,
                 },
             };
-            match framing {
-                Framing::Length(_) => {
-                    if data.len() as u64 > remaining {
-                        tracing::debug!("answer body longer than its length; closing");
-                        keep = false;
-                        break;
-                    }
-                    remaining -= data.len() as u64;
-                    out.extend_from_slice(&data);
+            if let Framing::Length(_) = framing {
+                if data.len() as u64 > remaining {
+                    tracing::debug!("answer body longer than its length; closing");
+                    keep = false;
+                    break;
                 }
-                Framing::Chunked => {
-                    chunk_size_line(out, data.len());
-                    out.extend_from_slice(&data);
-                    out.extend_from_slice(b"\r\n");
-                }
+                remaining -= data.len() as u64;
+            } else {
+                chunk_size_line(out, data.len());
+            }
+            // A small piece travels with what is pending; a large one is written as it is
+            // rather than copied (and the buffer stays small).
+            if data.len() <= WRITE_COALESCE {
+                out.extend_from_slice(&data);
+            } else if !send(io, out).await || io.write_all(&data).await.is_err() {
+                return false;
+            }
+            if framing == Framing::Chunked {
+                out.extend_from_slice(b"\r\n");
             }
             // A body with more to come is sent as it comes (a stream is not held back).
             if (!body.is_end_stream() || out.len() >= WRITE_COALESCE) && !send(io, out).await {
