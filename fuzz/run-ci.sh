@@ -23,7 +23,7 @@ artifacts=${FUZZ_ARTIFACTS:-$fuzz_dir/artifacts}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$fuzz_dir/target}
 triple=$(rustc -vV | sed -n 's/^host: //p')
 
-targets=(path_normalize token_extract framing_observer framing_differential jwks_parse jwt_verify upstream_answer)
+targets=(path_normalize token_extract framing_observer framing_differential jwks_parse jwt_verify upstream_answer own_h1_parse)
 if [[ ",$features," == *",iam-parsers,"* ]]; then
   targets+=(huawei_parse cloudsso_parse)
 fi
@@ -77,7 +77,7 @@ max_len_for() {
 dict_for() {
   case $1 in
     path_normalize | token_extract | framing_observer) echo "dicts/$1.dict" ;;
-    framing_differential) echo "dicts/framing_observer.dict" ;;
+    framing_differential | own_h1_parse) echo "dicts/framing_observer.dict" ;;
     *) echo "dicts/json.dict" ;;
   esac
 }

@@ -4,6 +4,7 @@
 
 pub mod checks;
 pub mod checks_hyper;
+pub mod checks_own_h1;
 
 #[cfg(feature = "iam-parsers")]
 pub mod checks_iam;

@@ -216,9 +216,10 @@ where
 }
 
 /// What the front of the read buffer holds. (The request is not boxed: that would cost an
-/// allocation per request to save a move.)
+/// allocation per request to save a move.) Public for the `own_h1_parse` fuzz target only.
+#[doc(hidden)]
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub enum Parsed {
     /// A whole request this path serves (its head has been taken from the buffer).
     Request(Request<RequestBody>),
     /// The start of a head that may still turn out to be one.
@@ -231,7 +232,10 @@ enum Parsed {
 /// 4 GiB).
 type Line = (u32, u32, u32, u32);
 
-fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
+/// Reads a request from the front of `buf` if it is one this path serves (see the module's
+/// documentation); public for the `own_h1_parse` fuzz target only.
+#[doc(hidden)]
+pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
     if buf.is_empty() {
         return Parsed::Partial;
     }

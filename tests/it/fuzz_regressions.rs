@@ -18,6 +18,10 @@ mod checks_iam;
 #[path = "../../fuzz/src/checks_hyper.rs"]
 mod checks_hyper;
 
+// The gateway's own HTTP/1.1 request parser against `httparse`.
+#[path = "../../fuzz/src/checks_own_h1.rs"]
+mod checks_own_h1;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
@@ -126,6 +130,11 @@ fn huawei_parse() {
 #[test]
 fn cloudsso_parse() {
     replay("cloudsso_parse", checks_iam::cloudsso_parse);
+}
+
+#[test]
+fn own_h1_parse() {
+    replay("own_h1_parse", checks_own_h1::own_h1_parse);
 }
 
 #[test]
