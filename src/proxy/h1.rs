@@ -305,7 +305,8 @@ pub fn parse_response_head(
     let mut headers = HeaderMap::with_capacity(count + usize::from(keep_upgrade));
     for &(name_at, name_len, value_at, value_len) in &kept[..count] {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
-        let name = answer_header_name(&head[name_at..name_at + name_len as usize])?;
+        let name =
+            header_name(&head[name_at..name_at + name_len as usize]).ok_or(ParseError::Header)?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
                 .map_err(|_| ParseError::Header)?;
@@ -327,35 +328,47 @@ pub fn parse_response_head(
 /// nginx or a framework answer has 5–10).
 const FEW_HEADERS: usize = 24;
 
-/// A header name of an answer. The names most answers carry are matched directly, which costs
-/// a fraction of `HeaderName::from_bytes` (lowercasing into a scratch buffer, then a lookup
-/// among all the standard names); httparse has already checked that the name is a token.
-fn answer_header_name(name: &[u8]) -> Result<HeaderName, ParseError> {
+/// A header name as a request or an answer carries it. The names most clients and upstreams
+/// send are matched directly, which costs a fraction of `HeaderName::from_bytes` (lowercasing
+/// into a scratch buffer, a lookup among all standard names, and for a custom name such as
+/// `X-Auth-Token` a heap copy); any other name goes through `from_bytes`. `None`: not a valid
+/// header name (httparse has already checked the names of the heads parsed here).
+pub fn header_name(name: &[u8]) -> Option<HeaderName> {
     use http::header::{
-        ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, DATE, ETAG, EXPIRES,
-        LAST_MODIFIED, LOCATION, SERVER, SET_COOKIE, VARY,
+        ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, ACCEPT_RANGES, AUTHORIZATION, CACHE_CONTROL,
+        CONTENT_ENCODING, CONTENT_TYPE, COOKIE, DATE, ETAG, EXPIRES, HOST, LAST_MODIFIED, LOCATION,
+        ORIGIN, REFERER, SERVER, SET_COOKIE, USER_AGENT, VARY,
     };
     let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
     let common = match name.len() {
-        4 if is(b"date") => Some(DATE),
-        4 if is(b"etag") => Some(ETAG),
-        4 if is(b"vary") => Some(VARY),
-        6 if is(b"server") => Some(SERVER),
-        7 if is(b"expires") => Some(EXPIRES),
-        8 if is(b"location") => Some(LOCATION),
-        10 if is(b"set-cookie") => Some(SET_COOKIE),
-        12 if is(b"content-type") => Some(CONTENT_TYPE),
-        13 if is(b"cache-control") => Some(CACHE_CONTROL),
-        13 if is(b"last-modified") => Some(LAST_MODIFIED),
-        13 if is(b"accept-ranges") => Some(ACCEPT_RANGES),
-        14 if is(b"content-length") => Some(CONTENT_LENGTH),
-        16 if is(b"content-encoding") => Some(CONTENT_ENCODING),
-        _ => None,
+        4 if is(b"host") => HOST,
+        4 if is(b"date") => DATE,
+        4 if is(b"etag") => ETAG,
+        4 if is(b"vary") => VARY,
+        6 if is(b"accept") => ACCEPT,
+        6 if is(b"server") => SERVER,
+        6 if is(b"cookie") => COOKIE,
+        6 if is(b"origin") => ORIGIN,
+        7 if is(b"expires") => EXPIRES,
+        7 if is(b"referer") => REFERER,
+        8 if is(b"location") => LOCATION,
+        10 if is(b"user-agent") => USER_AGENT,
+        10 if is(b"set-cookie") => SET_COOKIE,
+        12 if is(b"content-type") => CONTENT_TYPE,
+        12 if is(b"x-auth-token") => crate::auth::token::X_AUTH_TOKEN,
+        12 if is(b"x-request-id") => crate::proxy::headers::X_REQUEST_ID,
+        13 if is(b"authorization") => AUTHORIZATION,
+        13 if is(b"cache-control") => CACHE_CONTROL,
+        13 if is(b"last-modified") => LAST_MODIFIED,
+        13 if is(b"accept-ranges") => ACCEPT_RANGES,
+        14 if is(b"content-length") => CONTENT_LENGTH,
+        15 if is(b"accept-encoding") => ACCEPT_ENCODING,
+        15 if is(b"accept-language") => ACCEPT_LANGUAGE,
+        15 if is(b"x-forwarded-for") => crate::proxy::headers::X_FORWARDED_FOR,
+        16 if is(b"content-encoding") => CONTENT_ENCODING,
+        _ => return HeaderName::from_bytes(name).ok(),
     };
-    match common {
-        Some(name) => Ok(name),
-        None => HeaderName::from_bytes(name).map_err(|_| ParseError::Header),
-    }
+    Some(common)
 }
 
 /// One `Content-Length` value: digits only, no sign, no more than fit in a `u64`.
@@ -693,33 +706,48 @@ mod tests {
     }
 
     #[test]
-    fn common_answer_names_are_the_names_from_bytes_gives_in_any_case() {
+    fn common_names_are_the_names_from_bytes_gives_in_any_case() {
         for name in [
+            "host",
             "date",
             "etag",
             "vary",
+            "accept",
             "server",
+            "cookie",
+            "origin",
             "expires",
+            "referer",
             "location",
+            "user-agent",
             "set-cookie",
             "content-type",
+            "x-auth-token",
+            "x-request-id",
+            "authorization",
             "cache-control",
             "last-modified",
             "accept-ranges",
             "content-length",
+            "accept-encoding",
+            "accept-language",
+            "x-forwarded-for",
             "content-encoding",
             "x-custom",
             "dat",
             "servers",
+            "x-auth-tokens",
         ] {
             for spelling in [name.to_string(), name.to_uppercase()] {
                 assert_eq!(
-                    answer_header_name(spelling.as_bytes()).unwrap(),
+                    header_name(spelling.as_bytes()).unwrap(),
                     HeaderName::from_bytes(spelling.as_bytes()).unwrap(),
                     "{spelling}"
                 );
             }
         }
+        assert_eq!(header_name(b"bad name"), None);
+        assert_eq!(header_name(b""), None);
     }
 
     #[test]

@@ -33,15 +33,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::proxy::h1::{chunk_size_line, header, LAST_CHUNK};
+use crate::proxy::h1::{chunk_size_line, header, header_name, LAST_CHUNK};
 use crate::stack::RequestBody;
 
 /// hyper's limit on a request's header lines (beyond it hyper answers 431).
@@ -331,7 +329,7 @@ fn build(
     let mut headers = HeaderMap::with_capacity(lines.len());
     for &(name_at, name_len, value_at, value_len) in lines {
         let (name_at, value_at) = (name_at as usize, value_at as usize);
-        let name = request_header_name(&head[name_at..name_at + name_len as usize])?;
+        let name = header_name(&head[name_at..name_at + name_len as usize])?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize))
                 .ok()?;
@@ -343,39 +341,6 @@ fn build(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Some(request)
-}
-
-/// A request header name. The names most clients send are matched directly, which costs a
-/// fraction of `HeaderName::from_bytes` (lowercasing into a scratch buffer, a lookup among all
-/// standard names, and for a custom name such as `X-Auth-Token` a heap copy); httparse has
-/// already checked that the name is a token.
-fn request_header_name(name: &[u8]) -> Option<HeaderName> {
-    use http::header::{
-        ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE,
-        COOKIE, HOST, ORIGIN, REFERER, USER_AGENT,
-    };
-    let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
-    let common = match name.len() {
-        4 if is(b"host") => Some(HOST),
-        6 if is(b"accept") => Some(ACCEPT),
-        6 if is(b"cookie") => Some(COOKIE),
-        6 if is(b"origin") => Some(ORIGIN),
-        7 if is(b"referer") => Some(REFERER),
-        10 if is(b"user-agent") => Some(USER_AGENT),
-        12 if is(b"x-auth-token") => Some(crate::auth::token::X_AUTH_TOKEN),
-        12 if is(b"x-request-id") => Some(crate::proxy::headers::X_REQUEST_ID),
-        12 if is(b"content-type") => Some(CONTENT_TYPE),
-        13 if is(b"authorization") => Some(AUTHORIZATION),
-        13 if is(b"cache-control") => Some(CACHE_CONTROL),
-        15 if is(b"accept-encoding") => Some(ACCEPT_ENCODING),
-        15 if is(b"accept-language") => Some(ACCEPT_LANGUAGE),
-        15 if is(b"x-forwarded-for") => Some(crate::proxy::headers::X_FORWARDED_FOR),
-        _ => None,
-    };
-    match common {
-        Some(name) => Some(name),
-        None => HeaderName::from_bytes(name).ok(),
-    }
 }
 
 /// How an answer's body is written.
@@ -599,6 +564,7 @@ fn write_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderName;
     use http_body_util::{Empty, Full};
 
     fn parse(text: &str) -> (Parsed, BytesMut) {
@@ -678,37 +644,6 @@ mod tests {
         ));
         let mut buf = BytesMut::from("GET /x HTTP/1.1\r\nx: aaaaaaaaaa");
         assert!(matches!(parse_request(&mut buf, 16), Parsed::NotOurs));
-    }
-
-    #[test]
-    fn common_request_names_are_the_names_from_bytes_gives_in_any_case() {
-        for name in [
-            "host",
-            "accept",
-            "cookie",
-            "origin",
-            "referer",
-            "user-agent",
-            "x-auth-token",
-            "x-request-id",
-            "content-type",
-            "authorization",
-            "cache-control",
-            "accept-encoding",
-            "accept-language",
-            "x-forwarded-for",
-            "x-custom",
-            "hos",
-            "x-auth-tokens",
-        ] {
-            for spelling in [name.to_string(), name.to_uppercase()] {
-                assert_eq!(
-                    request_header_name(spelling.as_bytes()).unwrap(),
-                    HeaderName::from_bytes(spelling.as_bytes()).unwrap(),
-                    "{spelling}"
-                );
-            }
-        }
     }
 
     #[test]

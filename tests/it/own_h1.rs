@@ -8,8 +8,13 @@ use crate::support::Harness;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// `METHOD PATH VERSION`, then `Host`, the token and `extra` header lines (each ending in CRLF).
+fn request(line: &str, token: &str, extra: &str) -> String {
+    format!("{line}\r\nHost: app\r\nX-Auth-Token: {token}\r\n{extra}\r\n")
+}
+
 fn get(path: &str, token: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nHost: app\r\nX-Auth-Token: {token}\r\n\r\n")
+    request(&format!("GET {path} HTTP/1.1"), token, "")
 }
 
 /// The upstream's JSON echo of the request it got.
@@ -110,7 +115,8 @@ async fn hyper_takes_over_at_the_first_request_with_a_body_and_serves_the_rest()
 
     // A body, sent in the same write as the next request (pipelined behind it).
     let post = format!(
-        "POST /upload HTTP/1.1\r\nHost: app\r\nX-Auth-Token: {token}\r\nContent-Length: 5\r\n\r\nhello{}",
+        "{}hello{}",
+        request("POST /upload HTTP/1.1", &token, "Content-Length: 5\r\n"),
         get("/after", &token)
     );
     conn.send(post.as_bytes());
@@ -137,9 +143,7 @@ async fn requests_the_own_path_leaves_to_hyper_are_answered_by_it() {
 
     // HTTP/1.0: hyper answers in kind and closes.
     let mut conn = RawConn::open(h.addr()).await;
-    conn.send(
-        format!("GET /old HTTP/1.0\r\nHost: app\r\nX-Auth-Token: {token}\r\n\r\n").as_bytes(),
-    );
+    conn.send(request("GET /old HTTP/1.0", &token, "").as_bytes());
     let reply = conn.reply(false, WAIT).await;
     assert_eq!(reply.status, Some(200), "{}", reply.text());
     assert!(
@@ -150,7 +154,7 @@ async fn requests_the_own_path_leaves_to_hyper_are_answered_by_it() {
 
     // HEAD: the length of the GET, no body.
     let mut conn = RawConn::open(h.addr()).await;
-    conn.send(format!("HEAD /h HTTP/1.1\r\nHost: app\r\nX-Auth-Token: {token}\r\n\r\n").as_bytes());
+    conn.send(request("HEAD /h HTTP/1.1", &token, "").as_bytes());
     let reply = conn.reply(true, WAIT).await;
     assert_eq!(reply.status, Some(200), "{}", reply.text());
     assert!(reply.body.is_empty());
@@ -159,12 +163,7 @@ async fn requests_the_own_path_leaves_to_hyper_are_answered_by_it() {
     let mut conn = RawConn::open(h.addr()).await;
     conn.send(get("/first", &token).as_bytes());
     assert_eq!(conn.reply(false, WAIT).await.status, Some(200));
-    conn.send(
-        format!(
-            "GET /bye HTTP/1.1\r\nHost: app\r\nX-Auth-Token: {token}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    );
+    conn.send(request("GET /bye HTTP/1.1", &token, "Connection: close\r\n").as_bytes());
     let reply = conn.reply(false, WAIT).await;
     assert_eq!(reply.status, Some(200), "{}", reply.text());
     assert_eq!(reply.header("connection"), Some("close"));
@@ -185,10 +184,7 @@ async fn a_chunked_upstream_answer_reaches_the_client_whole() {
     let token = h.token("alice");
     let mut conn = RawConn::open(h.addr()).await;
     // 200,000 bytes, streamed by the upstream in 64 KiB chunks without a length.
-    conn.send(
-        format!("GET /big HTTP/1.1\r\nHost: app\r\nX-Auth-Token: {token}\r\nX-Echo-Size: 200000\r\n\r\n")
-            .as_bytes(),
-    );
+    conn.send(request("GET /big HTTP/1.1", &token, "X-Echo-Size: 200000\r\n").as_bytes());
     let reply = conn.reply(false, WAIT).await;
     assert_eq!(reply.status, Some(200));
     assert!(reply.complete, "the body ended as its framing said");
