@@ -38,17 +38,27 @@ pub fn start(count: usize) -> std::io::Result<()> {
         return Ok(());
     }
     let mut handles = Vec::with_capacity(count);
+    // Each worker says it runs (its thread named, its lane set) before `start` returns, so
+    // that "ready" is logged only once every worker is there to take connections.
+    let (running, workers_up) = std::sync::mpsc::channel();
     for index in 0..count {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         handles.push(runtime.handle().clone());
+        let running = running.clone();
         std::thread::Builder::new()
             .name(format!("mfa-worker-{index}"))
             .spawn(move || {
                 LANE.with(|lane| lane.set(index + 1));
+                let _ = running.send(());
                 runtime.block_on(std::future::pending::<()>());
             })?;
+    }
+    drop(running);
+    for _ in 0..count {
+        // A worker that died before saying so has already panicked, loudly.
+        let _ = workers_up.recv();
     }
     let _ = WORKERS.set(Workers {
         handles,
