@@ -1,7 +1,8 @@
 //! The main listener: accept loop, HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS) through
-//! hyper-util's auto builder, connection limits, graceful drain. On plain connections the
-//! common HTTP/1.1 request (no body, no upgrade) is served by the gateway's own path
-//! ([`own_h1`]) until the first one that is not, from which on hyper serves the connection.
+//! hyper-util's auto builder, connection limits, graceful drain. On HTTP/1 connections (plain,
+//! or TLS without ALPN `h2`) the common request (no body, no upgrade) is served by the
+//! gateway's own path ([`own_h1`]) until the first one that is not, from which on hyper serves
+//! the connection.
 
 pub mod framing;
 pub mod head_deadline;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::HeaderValue;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,6 +22,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::either::Either;
 use tower::ServiceExt;
 
 use crate::stack::context::RequestContext;
@@ -160,42 +163,20 @@ pub async fn serve(
         // Held by the connection's task from the start: the drain waits for it whichever
         // server is serving the connection.
         let watcher = graceful.watcher();
-        match &settings.tls {
-            None => {
-                let metrics = settings.metrics.clone();
-                let max_head = buf_size(&settings);
-                let shutdown = shutdown.clone();
-                workers::spawn_connection(async move {
-                    let stream = Observed::behind_own_path(stream, observer, deadline);
-                    // The common request is served by the gateway's own HTTP/1.1 path;
-                    // hyper takes the connection over at the first one that is not.
-                    let stream = match own_h1::serve(stream, answer, max_head, shutdown).await {
-                        own_h1::Outcome::Closed => return drop(watcher),
-                        own_h1::Outcome::HandOver { read, mut io } => {
-                            io.hand_over(&read);
-                            own_h1::Rewound::new(read, io)
-                        }
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
-                        .into_owned();
-                    if let Err(err) = watcher.watch(conn).await {
-                        connection_error(&*err, &metrics, peer);
-                    }
-                });
-            }
-            Some(tls) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
-                let handshake_timeout = settings.header_read_timeout;
-                let metrics = settings.metrics.clone();
-                workers::spawn_connection(async move {
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => stream,
+        let acceptor = settings
+            .tls
+            .as_ref()
+            .map(|tls| tokio_rustls::TlsAcceptor::from(tls.load_full()));
+        let handshake_timeout = settings.header_read_timeout;
+        let metrics = settings.metrics.clone();
+        let max_head = buf_size(&settings);
+        let shutdown = shutdown.clone();
+        workers::spawn_connection(async move {
+            let stream = match acceptor {
+                None => Either::Left(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
                         Ok(Err(err)) => {
                             tracing::debug!(cause = %err, client = %peer, "TLS handshake failed");
                             return;
@@ -204,19 +185,33 @@ pub async fn serve(
                             tracing::debug!(client = %peer, "TLS handshake timed out");
                             return;
                         }
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(
-                            TokioIo::new(Observed::new(stream, observer, deadline)),
-                            hyper_service,
-                        )
-                        .into_owned();
-                    if let Err(err) = watcher.watch(conn).await {
-                        connection_error(&*err, &metrics, peer);
                     }
-                });
+                }
+            };
+            // HTTP/2 is hyper's from the start when ALPN chose it (h2c's preface, on a plain
+            // connection, the own path hands over).
+            let h2 = matches!(&stream, Either::Right(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+            let stream = if h2 {
+                own_h1::Rewound::new(Bytes::new(), Observed::new(stream, observer, deadline))
+            } else {
+                // The common request is served by the gateway's own HTTP/1.1 path; hyper takes
+                // the connection over at the first one that is not.
+                let stream = Observed::behind_own_path(stream, observer, deadline);
+                match own_h1::serve(stream, answer, max_head, shutdown).await {
+                    own_h1::Outcome::Closed => return drop(watcher),
+                    own_h1::Outcome::HandOver { read, mut io } => {
+                        io.hand_over(&read);
+                        own_h1::Rewound::new(read, io)
+                    }
+                }
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), hyper_service)
+                .into_owned();
+            if let Err(err) = watcher.watch(conn).await {
+                connection_error(&*err, &metrics, peer);
             }
-        }
+        });
     }
     drop(listener);
     let open = graceful.count();

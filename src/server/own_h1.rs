@@ -423,12 +423,13 @@ where
     send(io, out).await && keep
 }
 
-/// Writes and empties `out`; whether that worked.
+/// Writes and empties `out`; whether that worked. Flushed: a TLS stream may hold records back
+/// until asked (on plain TCP a flush does nothing).
 async fn send<IO: AsyncWrite + Unpin>(io: &mut IO, out: &mut Vec<u8>) -> bool {
     if out.is_empty() {
         return true;
     }
-    let written = io.write_all(out).await.is_ok();
+    let written = io.write_all(out).await.is_ok() && io.flush().await.is_ok();
     out.clear();
     written
 }

@@ -119,6 +119,51 @@ async fn https_serves_http2_and_http1_via_alpn() {
     }
 }
 
+/// HTTP/1.1 over TLS goes through the gateway's own HTTP/1.1 path too (`src/server/own_h1.rs`),
+/// and hyper takes the connection over at a request with a body: every answer comes whole, on
+/// one connection, with the `https` facts.
+#[tokio::test]
+async fn https_http1_requests_are_answered_whole_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = self_signed();
+    write_pair(dir.path(), &pair);
+    let (gateway, _sim, _upstream, token) = https_gateway(dir.path()).await;
+    let stream = tls_connect(
+        gateway.addr,
+        client_config(&[pair.cert.der()], &[b"http/1.1"]),
+    )
+    .await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for (method, path, body) in [
+        ("GET", "/one", ""),
+        ("GET", "/two", ""),
+        ("POST", "/three", "with a body"),
+        ("GET", "/four", ""),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("x-auth-token", &token)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+            .await
+            .expect("the answer came")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert!(response.headers().contains_key("date"));
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let seen: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(seen["uri"], path);
+        assert_eq!(seen["body_bytes"], body.len());
+        assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    }
+}
+
 #[tokio::test]
 async fn certificate_rotation_keeps_open_connections_and_refuses_a_bad_pair() {
     let dir = tempfile::tempdir().unwrap();
