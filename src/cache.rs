@@ -278,7 +278,7 @@ impl TokenCache {
         // Read before the cache is: an invalidation from here on makes the answer a memo.
         let forgets = self.0.forgets.load(Ordering::Acquire);
         let key = match memo.recall(self.0.id, token, forgets, Stamp::now()) {
-            Recalled::Answer(_, status) => return Ok(self.counted(status, CacheResult::Hit)),
+            Recalled::Answer(status) => return Ok(self.counted(status, CacheResult::Hit)),
             Recalled::Key(key) => key,
             Recalled::Nothing => {
                 let key = self.key(token);

@@ -52,8 +52,8 @@ pub(super) enum Recalled {
     Nothing,
     /// Its key.
     Key(Key),
-    /// Its key and a fresh answer of the cache.
-    Answer(Key, TokenStatus),
+    /// A fresh answer of the cache (its key is not needed then).
+    Answer(TokenStatus),
 }
 
 impl KeyMemo {
@@ -69,7 +69,7 @@ impl KeyMemo {
             {
                 match &last.answer {
                     Some((seen, entry)) if *seen == forgets && now < entry.fresh_until => {
-                        Recalled::Answer(last.key, entry.status.clone())
+                        Recalled::Answer(entry.status.clone())
                     }
                     _ => Recalled::Key(last.key),
                 }
@@ -173,7 +173,7 @@ mod tests {
         );
         assert_eq!(
             memo.recall(1, &token, 4, Stamp::now()),
-            Recalled::Answer([7; 32], TokenStatus::Invalid)
+            Recalled::Answer(TokenStatus::Invalid)
         );
         assert_eq!(
             memo.recall(1, &token, 5, Stamp::now()),
