@@ -423,13 +423,11 @@ where
     send(io, out).await && keep
 }
 
-/// Writes and empties `out`; whether that worked. Flushed: a TLS stream may hold records back
-/// until asked (on plain TCP a flush does nothing).
+/// Writes and empties `out`, then flushes (a TLS stream may hold records back until asked; on
+/// plain TCP a flush does nothing); whether that worked. Flushed even with nothing pending: a
+/// large body piece may have been written directly.
 async fn send<IO: AsyncWrite + Unpin>(io: &mut IO, out: &mut Vec<u8>) -> bool {
-    if out.is_empty() {
-        return true;
-    }
-    let written = io.write_all(out).await.is_ok() && io.flush().await.is_ok();
+    let written = (out.is_empty() || io.write_all(out).await.is_ok()) && io.flush().await.is_ok();
     out.clear();
     written
 }
