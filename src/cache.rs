@@ -79,6 +79,13 @@ struct Entry {
     learnt: Stamp,
 }
 
+impl Entry {
+    /// Whether it may be served as a hit.
+    fn is_fresh(&self) -> bool {
+        Stamp::now() < self.fresh_until
+    }
+}
+
 /// moka evicts an entry once even its stale window is over.
 struct UntilStale;
 
@@ -311,14 +318,8 @@ impl TokenCache {
         key: Key,
         token: &Token,
     ) -> Result<(Entry, CacheResult), Arc<IamError>> {
-        let cached = match self.0.valid.get(&local(&key)).await {
-            Some(entry) => Some(entry),
-            None => self.0.invalid.get(&local(&key)).await,
-        };
-        if let Some(entry) = cached
-            .as_ref()
-            .filter(|entry| Stamp::now() < entry.fresh_until)
-        {
+        let cached = self.0.cached(&key).await;
+        if let Some(entry) = cached.as_ref().filter(|entry| entry.is_fresh()) {
             return Ok(self.counted(entry.clone(), CacheResult::Hit));
         }
         match self.fetch(key, token).await {
@@ -354,7 +355,13 @@ impl TokenCache {
         let inner = self.0.clone();
         let token = token.clone();
         let task = tokio::spawn(async move {
-            let result = inner.resolve(key, &token).await;
+            // The fetch this lookup missed may have ended between its look at the cache and
+            // its look here: then its answer is cached by now (it is inserted before the fetch
+            // leaves `inflight`), and neither the fleet nor the IAM is asked again.
+            let result = match inner.cached(&key).await.filter(Entry::is_fresh) {
+                Some(entry) => Ok(entry),
+                None => inner.resolve(key, &token).await,
+            };
             inner
                 .inflight
                 .lock()
@@ -487,6 +494,14 @@ impl TokenCache {
 }
 
 impl Inner {
+    /// This gateway's entry for `key`, fresh or not.
+    async fn cached(&self, key: &Key) -> Option<Entry> {
+        match self.valid.get(&local(key)).await {
+            Some(entry) => Some(entry),
+            None => self.invalid.get(&local(key)).await,
+        }
+    }
+
     /// A miss: the fleet's entry if another gateway has one (or is fetching it right now), else
     /// the IAM's answer, which is then shared.
     async fn resolve(&self, key: Key, token: &Token) -> Result<Entry, Arc<IamError>> {
@@ -685,6 +700,52 @@ mod tests {
     fn the_local_key_is_the_first_half_of_the_hmac() {
         let key: Key = std::array::from_fn(|i| i as u8);
         assert_eq!(local(&key), std::array::from_fn(|i| i as u8));
+    }
+
+    /// Calls no IAM: every token is invalid; counts the lookups it was asked for.
+    #[derive(Default)]
+    struct CountingIam(std::sync::atomic::AtomicUsize);
+
+    impl IamProvider for CountingIam {
+        fn lookup<'a>(
+            &'a self,
+            _: &'a Token,
+            _: Needs,
+        ) -> BoxFuture<'a, Result<TokenStatus, IamError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(TokenStatus::Invalid) })
+        }
+    }
+
+    fn cache_over(iam: Arc<CountingIam>) -> TokenCache {
+        let config = crate::config::Config::from_toml(
+            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[iam]\nendpoint = \"http://127.0.0.1:9\"\n",
+            std::path::Path::new("<test>"),
+        )
+        .expect("a valid config");
+        let policy = Arc::new(ArcSwap::from_pointee(Policy::new(
+            config.policy.clone(),
+            config.allow.clone(),
+            Vec::new(),
+        )));
+        TokenCache::new(iam, policy, config.cache, Arc::new(Metrics::new()))
+    }
+
+    /// A lookup that missed while another one's fetch was ending reaches `fetch` once that
+    /// fetch has left `inflight`: it must take the cached answer, not ask the IAM again.
+    #[tokio::test]
+    async fn a_fetch_started_after_the_answer_was_cached_does_not_ask_again() {
+        let iam = Arc::new(CountingIam::default());
+        let cache = cache_over(iam.clone());
+        let token = Token::new("a-token-nobody-has-seen");
+        let (status, result) = cache.lookup(&token).await.unwrap();
+        assert!(matches!(status, TokenStatus::Invalid));
+        assert_eq!(result, CacheResult::Miss);
+        assert_eq!(iam.0.load(Ordering::SeqCst), 1);
+
+        let late = cache.fetch(cache.key(&token), &token).await.unwrap();
+        assert!(matches!(late.status, TokenStatus::Invalid));
+        assert_eq!(iam.0.load(Ordering::SeqCst), 1, "the IAM was asked again");
     }
 
     #[test]
