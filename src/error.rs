@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 
 use crate::decision::Reason;
 use crate::iam::IamError;
@@ -182,11 +182,7 @@ impl GatewayError {
             }
             ("application/json", body.to_string())
         };
-        let mut response = Response::new(
-            Full::new(Bytes::from(text))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+        let mut response = Response::new(Body::new(Full::new(Bytes::from(text))));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -5,12 +5,12 @@
 //! The [`ProxyService`] only forwards requests that carry a [`Principal`]: the auth layer is the
 //! only place that makes one, so a request that skipped it cannot reach the upstream.
 
+pub mod body;
 pub mod h1;
 pub mod headers;
 pub mod path;
 pub mod pool;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,8 +24,6 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 
@@ -39,8 +37,7 @@ use crate::stack::context::RequestContext;
 /// Errors inside streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body type of every response the gateway sends: the upstream's, streamed, or its own.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub use body::Body;
 
 /// Facts about the request established before any decision, shared by all layers.
 #[derive(Debug, Clone)]
@@ -213,6 +210,7 @@ impl Upstream {
         mut request: Request<RequestBody>,
         info: &RequestInfo,
         principal: &Principal,
+        kept_as: h1::KeptHeaders,
     ) -> Result<Response<Body>, GatewayError> {
         let websocket = headers::is_websocket_upgrade(request.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
@@ -229,6 +227,7 @@ impl Upstream {
             head: &head,
             framing,
             websocket,
+            kept_as,
         };
 
         let started = tokio::time::Instant::now();
@@ -236,7 +235,7 @@ impl Upstream {
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
-        let mut response = match result {
+        let (mut response, relayed) = match result {
             Err(pool::SendError::Timeout) => {
                 self.count(CLASS_TIMEOUT);
                 return Err(GatewayError::UpstreamTimeout(self.timeout));
@@ -245,7 +244,7 @@ impl Upstream {
                 self.count(CLASS_ERROR);
                 return Err(GatewayError::UpstreamUnavailable(Box::new(err)));
             }
-            Ok(response) => response,
+            Ok(answer) => answer,
         };
         self.count(status_class(response.status()));
 
@@ -256,7 +255,7 @@ impl Upstream {
         {
             tokio::spawn(tunnel(client_upgrade, upgraded));
         }
-        Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+        Ok(response.map(|body| Body::forwarded(body, relayed)))
     }
 
     /// Counts an upstream answer (or its absence) by its class index.
@@ -343,7 +342,12 @@ impl tower::Service<Request<RequestBody>> for ProxyService {
                     "request reached the proxy without a decision or request info",
                 ));
             };
-            upstream.forward(request, &info, &principal).await
+            let kept_as = if context.own_writer {
+                h1::KeptHeaders::AsLines
+            } else {
+                h1::KeptHeaders::InMap
+            };
+            upstream.forward(request, &info, &principal, kept_as).await
         })
     }
 }
@@ -383,9 +387,7 @@ pub fn write_identity(headers: &mut http::HeaderMap, principal: &Principal) {
 
 /// A response of the gateway's own with a small JSON or text body.
 pub fn full_body(bytes: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
+    Body::new(http_body_util::Full::new(bytes.into()))
 }
 
 #[cfg(test)]

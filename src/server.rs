@@ -141,11 +141,12 @@ pub async fn serve(
         let activity = Arc::new(Activity::new());
         let deadline = HeadDeadline::new(settings.header_read_timeout, Arc::clone(&activity));
         let svc = service.clone();
-        // Every request of the connection, whichever HTTP/1 server read it.
-        let answer = move |mut request: hyper::Request<RequestBody>| {
+        // Every request of the connection, whichever server read it; `own_writer`: the
+        // gateway's own HTTP/1.1 path writes the answer.
+        let answer = move |mut request: hyper::Request<RequestBody>, own_writer: bool| {
             request
                 .extensions_mut()
-                .insert(RequestContext::new(conn_info.clone()));
+                .insert(RequestContext::new(conn_info.clone(), own_writer));
             activity.request_started();
             let activity = Arc::clone(&activity);
             let answer = svc.clone().oneshot(request);
@@ -156,7 +157,7 @@ pub async fn serve(
         };
         let hyper_answer = answer.clone();
         let hyper_service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let answer = hyper_answer(request.map(RequestBody::Hyper));
+            let answer = hyper_answer(request.map(RequestBody::Hyper), false);
             async move { Ok::<_, Infallible>(answer.await) }
         });
         let builder = builder.clone();
@@ -197,7 +198,8 @@ pub async fn serve(
                 // The common request is served by the gateway's own HTTP/1.1 path; hyper takes
                 // the connection over at the first one that is not.
                 let stream = Observed::behind_own_path(stream, observer, deadline);
-                match own_h1::serve(stream, answer, max_head, shutdown).await {
+                let own_answer = move |request| answer(request, true);
+                match own_h1::serve(stream, own_answer, max_head, shutdown).await {
                     own_h1::Outcome::Closed => return drop(watcher),
                     own_h1::Outcome::HandOver { read, mut io } => {
                         io.hand_over(&read);

@@ -18,7 +18,7 @@ use base64::Engine as _;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use mfa_gate::auth::token::{self, MAX_TOKEN_BYTES};
 use mfa_gate::iam::jwt::{self, Algorithm, JwkSet, JwksLocation, JwtError, JwtSettings};
-use mfa_gate::proxy::h1::{self, ChunkedDecoder, Decoded, ResponseFraming};
+use mfa_gate::proxy::h1::{self, ChunkedDecoder, Decoded, KeptHeaders, ResponseFraming};
 use mfa_gate::proxy::path;
 use mfa_gate::server::framing::{FramingObserver, FramingVerdicts};
 use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
@@ -580,6 +580,7 @@ fn parse_in_steps(
     wire: &[u8],
     step: usize,
     method: &http::Method,
+    kept_as: h1::KeptHeaders,
 ) -> (Result<Option<h1::ResponseHead>, h1::ParseError>, Vec<u8>) {
     let step = if step == 0 { wire.len().max(1) } else { step };
     let mut buffer = bytes::BytesMut::new();
@@ -588,7 +589,7 @@ fn parse_in_steps(
         let end = (fed + step).min(wire.len());
         buffer.extend_from_slice(&wire[fed..end]);
         fed = end;
-        match h1::parse_response_head(&mut buffer, method, false) {
+        match h1::parse_response_head(&mut buffer, method, false, kept_as) {
             Ok(None) if fed < wire.len() => continue,
             result => {
                 buffer.extend_from_slice(&wire[fed..]);
@@ -624,12 +625,52 @@ fn decode_in_steps(wire: &[u8], step: usize) -> (Vec<u8>, Result<bool, h1::Parse
     }
 }
 
+/// The lines of a head kept as lines hold what the same head's map holds, `Content-Length`
+/// (the writer frames the body itself) and the headers the gateway sets aside: the same
+/// values per name, in the same order.
+fn assert_relayed_as_in_map(map: &h1::ResponseHead, lines: &h1::ResponseHead) {
+    let relayed = lines.relayed.as_ref().expect("kept as lines, but no lines");
+    assert!(lines.headers.is_empty(), "kept as lines, but a map too");
+    let mut from_lines = HeaderMap::new();
+    for line in relayed.lines() {
+        let text = line
+            .strip_suffix(b"\r\n")
+            .expect("a relayed line ends in CRLF");
+        let colon = text
+            .iter()
+            .position(|&b| b == b':')
+            .expect("a relayed line has a colon");
+        let name = &text[..colon];
+        let value = text[colon..]
+            .strip_prefix(b": ")
+            .expect("a relayed line is `name: value`");
+        from_lines.append(
+            HeaderName::from_bytes(name).expect("a relayed name the map refuses"),
+            HeaderValue::from_bytes(value).expect("a relayed value the map refuses"),
+        );
+    }
+    let mut expected = map.headers.clone();
+    expected.remove(http::header::CONTENT_LENGTH);
+    for name in h1::SET_BY_GATEWAY {
+        expected.remove(name);
+    }
+    assert_eq!(from_lines, expected, "the lines are not the map's headers");
+    assert_eq!(
+        relayed.dated,
+        expected.contains_key(http::header::DATE),
+        "dated"
+    );
+}
+
 /// Input: one byte choosing the request method (`H`: HEAD, else GET), one byte the size of the
 /// pieces the answer arrives in (0: all at once), then the upstream's bytes.
 ///
 /// - parsing never panics, and gives the same head (or the same refusal) however the bytes
 ///   arrive, leaving exactly the bytes after the head;
 /// - a parsed head carries no hop-by-hop header, and an answer with no body has framing `None`;
+/// - kept as lines for the gateway's own writer, the head is the same (or refused the same),
+///   its lines are the map's headers but `Content-Length` and those the gateway sets, value for
+///   value, and `dated` says whether one is `Date`;
 /// - a chunked body decodes to the same data and verdict however it arrives, and to no more
 ///   bytes than were sent.
 pub fn upstream_answer(data: &[u8]) {
@@ -641,8 +682,23 @@ pub fn upstream_answer(data: &[u8]) {
     } else {
         http::Method::GET
     };
-    let (whole, rest) = parse_in_steps(wire, 0, &method);
-    let (pieces, rest_pieces) = parse_in_steps(wire, usize::from(*step), &method);
+    let (whole, rest) = parse_in_steps(wire, 0, &method, KeptHeaders::InMap);
+    let (pieces, rest_pieces) =
+        parse_in_steps(wire, usize::from(*step), &method, KeptHeaders::InMap);
+    let (as_lines, rest_lines) = parse_in_steps(wire, 0, &method, KeptHeaders::AsLines);
+    match (&whole, &as_lines) {
+        (Ok(Some(map)), Ok(Some(lines))) => {
+            assert_eq!(
+                (map.status, map.version, map.framing, map.keep_alive),
+                (lines.status, lines.version, lines.framing, lines.keep_alive),
+                "the head depends on how its headers are kept"
+            );
+            assert_eq!(rest, rest_lines, "different bytes left after the head");
+            assert_relayed_as_in_map(map, lines);
+        }
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        _ => panic!("in a map: {whole:?}, as lines: {as_lines:?}"),
+    }
     match (&whole, &pieces) {
         (Ok(Some(a)), Ok(Some(b))) => {
             assert_eq!(

@@ -130,14 +130,57 @@ pub fn chunk_size_line(out: &mut Vec<u8>, length: usize) {
 /// The end of a chunked body: the last chunk and no trailers.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
+/// What an answer's end-to-end headers are parsed into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeptHeaders {
+    /// A header map: the answer goes to hyper's server side (or through the stack's layers
+    /// to anything that reads its headers).
+    InMap,
+    /// Their lines as they came ([`RelayedHeaders`]): the answer goes to the gateway's own
+    /// HTTP/1.1 writer (`crate::server::own_h1`), which copies them as they are.
+    AsLines,
+}
+
+/// The headers the gateway sets on every forwarded answer, replacing the upstream's
+/// (`crate::stack::edge`): left out of [`RelayedHeaders`], so that the writer copies the
+/// upstream's lines as one block, after the answer's map.
+pub const SET_BY_GATEWAY: [HeaderName; 1] = [crate::proxy::headers::X_REQUEST_ID];
+
+/// An answer's end-to-end header lines as the upstream sent them, for the gateway's own
+/// HTTP/1.1 writer: one `name: value\r\n` line each, in the upstream's order and spelling,
+/// hop-by-hop ones, `Content-Length` (the writer frames the body by its size) and
+/// [`SET_BY_GATEWAY`] left out.
+/// Copying them as one block costs a fraction of a header map's hashing, per-value allocations
+/// and re-encoding, which were a sixth of the gateway's instructions per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayedHeaders {
+    pub lines: Bytes,
+    /// One of them is `Date` (else the writer adds one).
+    pub dated: bool,
+}
+
+impl RelayedHeaders {
+    /// Each line, `\r\n` included.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        memchr::memchr_iter(b'\n', &self.lines).map(move |end| {
+            let line = &self.lines[start..=end];
+            start = end + 1;
+            line
+        })
+    }
+}
+
 /// An answer's head.
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
     /// The end-to-end headers: hop-by-hop ones (RFC 9110 §7.6.1) and those `Connection`
-    /// names are left out as the head is parsed.
+    /// names are left out as the head is parsed. Empty when they were kept as lines.
     pub headers: HeaderMap,
+    /// With [`KeptHeaders::AsLines`]: the end-to-end headers.
+    pub relayed: Option<RelayedHeaders>,
     pub framing: ResponseFraming,
     /// The upstream keeps the connection open after this answer.
     pub keep_alive: bool,
@@ -183,11 +226,13 @@ fn items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
 /// Parses an answer head from the front of `buffer` and removes it; `None` while it is
 /// incomplete. `method` is the request's (an answer to `HEAD` has no body). With
 /// `keep_upgrade` (a WebSocket request), a 101's `Upgrade` survives and `Connection: upgrade`
-/// is set. Header values share the head's bytes rather than being copied one by one.
+/// is set. Header values share the head's bytes rather than being copied one by one; with
+/// [`KeptHeaders::AsLines`] they are copied as one block instead of put in a map.
 pub fn parse_response_head(
     buffer: &mut BytesMut,
     method: &Method,
     keep_upgrade: bool,
+    kept_as: KeptHeaders,
 ) -> Result<Option<ResponseHead>, ParseError> {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -301,6 +346,18 @@ pub fn parse_response_head(
         }
         count = still;
     }
+    if kept_as == KeptHeaders::AsLines && !keep_upgrade {
+        let relayed = relay_lines(&buffer[..length], &kept[..count]);
+        buffer.advance(length);
+        return Ok(Some(ResponseHead {
+            status,
+            version,
+            headers: HeaderMap::new(),
+            relayed: Some(relayed),
+            framing,
+            keep_alive: version == Version::HTTP_11 && !close,
+        }));
+    }
     let head = buffer.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(count + usize::from(keep_upgrade));
     for &(name_at, name_len, value_at, value_len) in &kept[..count] {
@@ -319,9 +376,54 @@ pub fn parse_response_head(
         status,
         version,
         headers,
+        relayed: None,
         framing,
         keep_alive: version == Version::HTTP_11 && !close,
     }))
+}
+
+/// The kept header lines of `head` (offsets of name and value in it) as [`RelayedHeaders`].
+/// httparse has checked names and values by the rules `HeaderName` and `HeaderValue` apply
+/// (tokens; no control characters but tab), so nothing the map would refuse is relayed
+/// (`tests::httparse_accepts_the_names_and_values_http_accepts`).
+fn relay_lines(head: &[u8], kept: &[(u32, u32, u32, u32)]) -> RelayedHeaders {
+    let mut lines = BytesMut::with_capacity(head.len());
+    let mut dated = false;
+    // Lines already written `name: value\r\n` (most are) are copied in runs, as they lie.
+    let mut run = 0..0;
+    for &(name_at, name_len, value_at, value_len) in kept {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let (name_end, value_end) = (name_at + name_len as usize, value_at + value_len as usize);
+        let name = &head[name_at..name_end];
+        let set_by_gateway = SET_BY_GATEWAY
+            .iter()
+            .any(|set| name.eq_ignore_ascii_case(set.as_str().as_bytes()));
+        if set_by_gateway || name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        dated |= name.eq_ignore_ascii_case(b"date");
+        let as_written = &head[name_end..value_at] == b": "
+            && head.get(value_end..value_end + 2) == Some(b"\r\n");
+        if as_written && run.end == name_at {
+            run.end = value_end + 2;
+            continue;
+        }
+        lines.extend_from_slice(&head[run.clone()]);
+        if as_written {
+            run = name_at..value_end + 2;
+        } else {
+            run = 0..0;
+            lines.extend_from_slice(name);
+            lines.extend_from_slice(b": ");
+            lines.extend_from_slice(&head[value_at..value_end]);
+            lines.extend_from_slice(b"\r\n");
+        }
+    }
+    lines.extend_from_slice(&head[run]);
+    RelayedHeaders {
+        lines: lines.freeze(),
+        dated,
+    }
 }
 
 /// The header lines of an answer whose offsets [`parse_response_head`] keeps on the stack (an
@@ -549,7 +651,90 @@ mod tests {
     use proptest::prelude::*;
 
     fn head(text: &str) -> Result<Option<ResponseHead>, ParseError> {
-        parse_response_head(&mut BytesMut::from(text), &Method::GET, false)
+        parse_response_head(
+            &mut BytesMut::from(text),
+            &Method::GET,
+            false,
+            KeptHeaders::InMap,
+        )
+    }
+
+    /// Relayed lines are not checked again: what httparse accepts in a name or a value must
+    /// be what `HeaderName` and `HeaderValue` accept, byte for byte.
+    #[test]
+    fn httparse_accepts_the_names_and_values_http_accepts() {
+        for byte in 0..=255u8 {
+            let mut name = b"HTTP/1.1 200 OK\r\nx".to_vec();
+            name.extend_from_slice(&[byte, b':', b' ', b'v', b'\r', b'\n', b'\r', b'\n']);
+            let mut value = b"HTTP/1.1 200 OK\r\nx: a".to_vec();
+            value.extend_from_slice(&[byte, b'b', b'\r', b'\n', b'\r', b'\n']);
+            let parses = |head: &[u8]| {
+                let mut slots = [httparse::EMPTY_HEADER; 4];
+                let mut parsed = httparse::Response::new(&mut slots);
+                matches!(parsed.parse(head), Ok(httparse::Status::Complete(_)))
+            };
+            // A colon ends the name.
+            if byte != b':' {
+                assert_eq!(
+                    parses(&name),
+                    HeaderName::from_bytes(&[b'x', byte]).is_ok(),
+                    "name byte {byte:#04x}"
+                );
+            }
+            // A CR or LF ends the line (httparse refuses a lone one): never inside a value.
+            if byte != b'\r' && byte != b'\n' {
+                assert_eq!(
+                    parses(&value),
+                    HeaderValue::from_bytes(&[b'a', byte, b'b']).is_ok(),
+                    "value byte {byte:#04x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn headers_kept_as_lines_are_the_end_to_end_ones_as_they_came() {
+        let mut buffer = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nConnection: keep-alive, X-Hop\r\nX-Request-ID: up\r\n\
+               X-Hop: 1\r\nContent-Length: 2\r\nTransfer-Encoding-Not: x\r\n\
+               Keep-Alive: timeout=5\r\nset-cookie: b=2\r\n\r\nokNEXT"[..],
+        );
+        let head = parse_response_head(&mut buffer, &Method::GET, false, KeptHeaders::AsLines)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buffer[..], b"okNEXT");
+        assert!(head.headers.is_empty());
+        assert_eq!(head.framing, ResponseFraming::Length(2));
+        assert!(head.keep_alive);
+        let relayed = head.relayed.unwrap();
+        assert_eq!(
+            relayed.lines,
+            &b"Set-Cookie: a=1\r\nTransfer-Encoding-Not: x\r\nset-cookie: b=2\r\n"[..]
+        );
+        assert!(!relayed.dated);
+        let lines: Vec<&[u8]> = relayed.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                &b"Set-Cookie: a=1\r\n"[..],
+                b"Transfer-Encoding-Not: x\r\n",
+                b"set-cookie: b=2\r\n"
+            ]
+        );
+
+        // Lines written otherwise are written `name: value`.
+        let mut buffer = BytesMut::from(
+            &b"HTTP/1.1 204 No Content\r\nX-Tight:v\r\nDATE: d\r\nX-Pad: \t p  \r\nX-End: e\r\n\r\n"[..],
+        );
+        let head = parse_response_head(&mut buffer, &Method::GET, false, KeptHeaders::AsLines)
+            .unwrap()
+            .unwrap();
+        let relayed = head.relayed.unwrap();
+        assert_eq!(
+            relayed.lines,
+            &b"X-Tight: v\r\nDATE: d\r\nX-Pad: p\r\nX-End: e\r\n"[..]
+        );
+        assert!(relayed.dated);
     }
 
     #[test]
@@ -639,7 +824,7 @@ mod tests {
         let mut buffer = BytesMut::from(
             "HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-A: 1\r\nx-a: 2\r\n\r\nokNEXT",
         );
-        let head = parse_response_head(&mut buffer, &Method::GET, false)
+        let head = parse_response_head(&mut buffer, &Method::GET, false, KeptHeaders::InMap)
             .unwrap()
             .unwrap();
         assert_eq!(head.status, StatusCode::CREATED);
@@ -666,7 +851,7 @@ mod tests {
         let switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
                          Connection: Upgrade\r\nSec-WebSocket-Accept: abc\r\n\r\n";
         let mut buffer = BytesMut::from(switching);
-        let parsed = parse_response_head(&mut buffer, &Method::GET, true)
+        let parsed = parse_response_head(&mut buffer, &Method::GET, true, KeptHeaders::InMap)
             .unwrap()
             .unwrap();
         assert_eq!(parsed.headers["upgrade"], "websocket");
@@ -676,7 +861,7 @@ mod tests {
         let refusal =
             "HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n";
         let mut buffer = BytesMut::from(refusal);
-        let parsed = parse_response_head(&mut buffer, &Method::GET, true)
+        let parsed = parse_response_head(&mut buffer, &Method::GET, true, KeptHeaders::InMap)
             .unwrap()
             .unwrap();
         assert!(!parsed.headers.contains_key("upgrade"));
@@ -782,8 +967,13 @@ mod tests {
     }
 
     fn framing(method: Method, text: &str) -> Result<ResponseFraming, ParseError> {
-        parse_response_head(&mut BytesMut::from(text), &method, false)
-            .map(|head| head.unwrap().framing)
+        parse_response_head(
+            &mut BytesMut::from(text),
+            &method,
+            false,
+            KeptHeaders::InMap,
+        )
+        .map(|head| head.unwrap().framing)
     }
 
     #[test]

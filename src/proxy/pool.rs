@@ -147,15 +147,12 @@ impl Link {
         body: &mut RequestBody,
     ) -> Result<(h1::ResponseHead, bool), SendError> {
         match self.write_request(body, request.framing).await {
-            Ok(()) => Ok((
-                self.read_head(request.method, request.websocket).await?,
-                true,
-            )),
+            Ok(()) => Ok((self.read_head(request).await?, true)),
             // An upstream may answer before the body is in (413, 401) and close the connection
             // without reading the rest; its answer is still in the socket, and is the one the
             // client should get rather than a 502.
             Err(SendError::Stale(write_error)) if request.framing.has_body() => {
-                match self.read_head(request.method, request.websocket).await {
+                match self.read_head(request).await {
                     Ok(head) => Ok((head, false)),
                     Err(_) => Err(SendError::Stale(write_error)),
                 }
@@ -217,16 +214,18 @@ impl Link {
     }
 
     /// Reads until an answer head (informational answers other than 101 are skipped).
-    async fn read_head(
-        &mut self,
-        method: &Method,
-        websocket: bool,
-    ) -> Result<h1::ResponseHead, SendError> {
+    async fn read_head(&mut self, request: &Outgoing<'_>) -> Result<h1::ResponseHead, SendError> {
         let mut received = false;
         loop {
             if !self.buffer.is_empty() {
                 received = true;
-                if let Some(head) = h1::parse_response_head(&mut self.buffer, method, websocket)? {
+                let parsed = h1::parse_response_head(
+                    &mut self.buffer,
+                    request.method,
+                    request.websocket,
+                    request.kept_as,
+                )?;
+                if let Some(head) = parsed {
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -256,7 +255,13 @@ pub struct Outgoing<'a> {
     pub framing: RequestFraming,
     /// A WebSocket upgrade: a 101 answer keeps its `Upgrade` header.
     pub websocket: bool,
+    /// What the answer's headers are parsed into (who writes the answer to the client).
+    pub kept_as: h1::KeptHeaders,
 }
+
+/// The upstream's answer; its header lines as they came, when asked for
+/// ([`h1::KeptHeaders::AsLines`]).
+pub type Answer = (Response<UpstreamBody>, Option<h1::RelayedHeaders>);
 
 /// A connection waiting for its next request.
 struct Idle {
@@ -393,7 +398,7 @@ impl Pool {
         request: Outgoing<'_>,
         mut body: RequestBody,
         deadline: tokio::time::Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> Result<Answer, SendError> {
         let resendable = matches!(
             request.framing,
             RequestFraming::None | RequestFraming::Length(0)
@@ -441,7 +446,7 @@ impl Pool {
     }
 
     /// The answer, with a body that reads the rest from `conn`.
-    fn answer(&self, conn: Conn, head: h1::ResponseHead, complete: bool) -> Response<UpstreamBody> {
+    fn answer(&self, conn: Conn, head: h1::ResponseHead, complete: bool) -> Answer {
         let framing = head.framing;
         let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
         let reusable =
@@ -474,7 +479,7 @@ impl Pool {
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
-        response
+        (response, head.relayed)
     }
 
     /// The most recently used idle connection that can take a request, if any.

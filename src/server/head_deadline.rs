@@ -30,6 +30,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use crate::proxy::h1::RelayedHeaders;
+
 /// What the gateway is doing with a connection's requests, as the service sees it.
 #[derive(Debug)]
 pub struct Activity {
@@ -133,6 +135,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Answer<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl<B: super::own_h1::RelayingBody> super::own_h1::RelayingBody for Answer<B> {
+    fn take_relayed(&mut self) -> Option<RelayedHeaders> {
+        self.body.take_relayed()
     }
 }
 

@@ -20,8 +20,10 @@
 //! The answers follow hyper's encoding: `HTTP/1.1 <code> <canonical reason>`, the headers in
 //! the map's order, lowercase, `content-length` from the body's exact size (else
 //! `transfer-encoding: chunked`), none for 1xx, 204 and 304, and a `date` unless the answer has
-//! one. A body error, or a body shorter or longer than its length, ends the connection, as in
-//! hyper.
+//! one. A forwarded answer's own headers come after the map's, as the upstream's lines were
+//! (its order and spelling; hop-by-hop ones left out; `crate::proxy::h1::RelayedHeaders`), as
+//! nginx relays them. A body error, or a body shorter or longer than its length, ends the
+//! connection, as in hyper.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -39,8 +41,22 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::proxy::h1::{chunk_size_line, header, header_name, LAST_CHUNK};
+use crate::proxy::h1::{
+    chunk_size_line, header, header_name, RelayedHeaders, LAST_CHUNK, SET_BY_GATEWAY,
+};
 use crate::stack::RequestBody;
+
+/// An answer body; a forwarded answer's brings the upstream's header lines for this writer
+/// ([`crate::proxy::h1::KeptHeaders::AsLines`]).
+pub trait RelayingBody: Body<Data = Bytes> + Unpin {
+    fn take_relayed(&mut self) -> Option<RelayedHeaders>;
+}
+
+impl RelayingBody for crate::proxy::Body {
+    fn take_relayed(&mut self) -> Option<RelayedHeaders> {
+        crate::proxy::Body::take_relayed(self)
+    }
+}
 
 /// hyper's limit on a request's header lines (beyond it hyper answers 431).
 const MAX_HEADERS: usize = 100;
@@ -137,7 +153,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
     A: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + Unpin,
+    B: RelayingBody,
     B::Error: std::fmt::Display,
 {
     let mut buf = BytesMut::with_capacity(READ_BUF);
@@ -360,12 +376,20 @@ async fn write_response<IO, B>(
 ) -> bool
 where
     IO: AsyncWrite + Unpin,
-    B: Body<Data = Bytes> + Unpin,
+    B: RelayingBody,
     B::Error: std::fmt::Display,
 {
     let (parts, mut body) = response.into_parts();
     out.clear();
-    let (framing, mut keep) = encode_head(out, parts.status, &parts.headers, &body, closing);
+    let relayed = body.take_relayed();
+    let (framing, mut keep) = encode_head(
+        out,
+        parts.status,
+        &parts.headers,
+        relayed.as_ref(),
+        &body,
+        closing,
+    );
     let mut remaining = match framing {
         Framing::Length(length) => length,
         Framing::Chunked => 0,
@@ -433,11 +457,13 @@ async fn send<IO: AsyncWrite + Unpin>(io: &mut IO, out: &mut Vec<u8>) -> bool {
 }
 
 /// The status line and headers of an answer, as hyper writes them; its body's framing, and
-/// whether the connection stays open after it.
+/// whether the connection stays open after it. `relayed`: the upstream's header lines, written
+/// after `headers` as they came.
 fn encode_head<B: Body>(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
+    relayed: Option<&RelayedHeaders>,
     body: &B,
     closing: bool,
 ) -> (Framing, bool) {
@@ -498,6 +524,10 @@ fn encode_head<B: Body>(
         dated |= *name == DATE;
         header(out, name.as_str(), value.as_bytes());
     }
+    if let Some(relayed) = relayed {
+        write_relayed(out, relayed, headers);
+        dated |= relayed.dated;
+    }
     let framing = match framing {
         Some(framing) => framing,
         None if bodyless => Framing::Length(0),
@@ -531,6 +561,18 @@ fn encode_head<B: Body>(
         framing
     };
     (framing, keep)
+}
+
+/// Appends the upstream's header lines. Those the gateway sets on a forwarded answer (`map`)
+/// were left out as they were parsed ([`SET_BY_GATEWAY`]), with the hop-by-hop ones and
+/// `Content-Length`.
+fn write_relayed(out: &mut Vec<u8>, relayed: &RelayedHeaders, map: &HeaderMap) {
+    debug_assert!(
+        map.keys().all(|name| SET_BY_GATEWAY.contains(name)),
+        "a forwarded answer got a header the upstream's lines may hold too: {:?}",
+        map.keys().collect::<Vec<_>>()
+    );
+    out.extend_from_slice(&relayed.lines);
 }
 
 thread_local! {
@@ -676,6 +718,7 @@ mod tests {
             &mut out,
             StatusCode::from_u16(status).unwrap(),
             &map,
+            None,
             body,
             closing,
         );
@@ -732,6 +775,24 @@ mod tests {
 
         let (head, _, _) = head_of(599, &[("date", "d")], &empty, false);
         assert!(head.starts_with("HTTP/1.1 599 <none>\r\n"), "{head}");
+    }
+
+    #[test]
+    fn relayed_lines_follow_the_gateways_headers() {
+        let relayed = RelayedHeaders {
+            lines: Bytes::from_static(b"Set-Cookie: a\r\nDate: d\r\n"),
+            dated: true,
+        };
+        let full = Full::new(Bytes::from_static(b"ok"));
+        let mut map = HeaderMap::new();
+        map.insert("x-request-id", HeaderValue::from_static("ours"));
+        let mut out = Vec::new();
+        encode_head(&mut out, StatusCode::OK, &map, Some(&relayed), &full, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nx-request-id: ours\r\nSet-Cookie: a\r\nDate: d\r\n\
+             content-length: 2\r\n\r\n"
+        );
     }
 
     /// A body of unknown length, as a streamed upstream answer is.

@@ -24,17 +24,22 @@ pub struct RequestContext {
     pub info: Option<RequestInfo>,
     /// Permission to forward (the auth layer, on an allow).
     pub principal: Option<Principal>,
+    /// The answer is written by the gateway's own HTTP/1.1 writer (the server): a forwarded
+    /// answer's headers are then kept as the upstream's lines, not put in a map
+    /// ([`crate::proxy::h1::KeptHeaders`]).
+    pub own_writer: bool,
 }
 
 impl RequestContext {
     /// The context of a request that arrived on a connection from `conn`.
-    pub fn new(conn: ConnInfo) -> Self {
+    pub fn new(conn: ConnInfo, own_writer: bool) -> Self {
         RequestContext {
             conn: Some(conn),
             request_id: None,
             slot: None,
             info: None,
             principal: None,
+            own_writer,
         }
     }
 

@@ -267,6 +267,46 @@ async fn hop_by_hop_answer_headers_stay_between_upstream_and_gateway() {
     }
 }
 
+/// Whichever server writes the answer — the gateway's own HTTP/1.1 writer, which copies the
+/// upstream's header lines (a bodiless GET), or hyper, through a header map (a POST) — the
+/// client gets the upstream's end-to-end headers value for value, one `Date`, one length,
+/// and the gateway's request id instead of the upstream's.
+#[tokio::test]
+async fn answer_headers_reach_the_client_whole_and_the_request_id_is_the_gateways() {
+    let upstream = Scripted::start(|_| {
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-Request-Id: upstream-id\r\n\
+          X-Multi: one\r\nset-cookie: b=2\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n\
+          Content-Length: 2\r\n\r\nok"
+            .to_vec()
+    })
+    .await;
+    let h = Harness::with_upstream("", &upstream.url).await;
+    let token = h.token("alice");
+    let headers = [
+        ("x-auth-token", token.as_str()),
+        ("x-request-id", "client-id-7"),
+    ];
+    let own = h.get("/own", &headers).await;
+    let hyper = send(Method::POST, &h.url("/hyper"), &headers, Bytes::from("abc")).await;
+    for (server, answer) in [("own", own), ("hyper", hyper)] {
+        assert_eq!(answer.status, StatusCode::OK, "{server}");
+        assert_eq!(answer.text(), "ok", "{server}");
+        let all = |name: &str| -> Vec<&str> {
+            answer
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|value| value.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all("set-cookie"), ["a=1", "b=2"], "{server}");
+        assert_eq!(all("x-request-id"), ["client-id-7"], "{server}");
+        assert_eq!(all("x-multi"), ["one"], "{server}");
+        assert_eq!(all("date"), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{server}");
+        assert_eq!(all("content-length"), ["2"], "{server}");
+    }
+}
+
 #[tokio::test]
 async fn the_upstream_head_is_plain_http_1_1_with_one_host_and_no_client_hop_headers() {
     let upstream =
