@@ -145,8 +145,7 @@ impl Upstream {
         let client = request.headers();
         // The client's `Host` (or absolute-form authority) is kept: the app may serve several
         // names. A request without either (HTTP/1.0) names the upstream.
-        let host = client
-            .get(HOST)
+        let host = headers::first(client, &HOST)
             .map(HeaderValue::as_bytes)
             .or_else(|| request.uri().authority().map(|a| a.as_str().as_bytes()))
             .unwrap_or(self.authority_host.as_bytes());
@@ -162,7 +161,7 @@ impl Upstream {
         h1::header(&mut out, "x-forwarded-host", host);
         headers::write_forwarded_for(
             &mut out,
-            client.get(headers::X_FORWARDED_FOR),
+            headers::first(client, &headers::X_FORWARDED_FOR),
             &info.peer_ip,
         );
         h1::header(&mut out, "x-forwarded-proto", info.proto.as_bytes());

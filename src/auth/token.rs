@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::proxy::headers::first;
+
 /// A bearer token as sent by the client. `Debug` and `Display` are redacted so that no log line
 /// or error can carry it by accident; [`Token::expose`] is the one door to its value.
 #[derive(Clone, PartialEq, Eq)]
@@ -54,8 +56,8 @@ pub enum TokenError {
 /// app, which might act on it.
 pub fn conflicting(headers: &http::HeaderMap) -> bool {
     conflicting_values(
-        headers.get(X_AUTH_TOKEN),
-        headers.get(http::header::AUTHORIZATION),
+        first(headers, &X_AUTH_TOKEN),
+        first(headers, &http::header::AUTHORIZATION),
     )
 }
 
@@ -87,8 +89,8 @@ fn candidates<'a>(
 /// the request guard.
 pub fn extract(headers: &http::HeaderMap) -> Result<Option<Token>, TokenError> {
     extract_values(
-        headers.get(X_AUTH_TOKEN),
-        headers.get(http::header::AUTHORIZATION),
+        first(headers, &X_AUTH_TOKEN),
+        first(headers, &http::header::AUTHORIZATION),
     )
 }
 

@@ -67,7 +67,7 @@ impl RequestFraming {
         match (end_stream, exact) {
             (true, _) | (false, Some(0)) => {
                 let defines_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
-                if defines_body || headers.contains_key(CONTENT_LENGTH) {
+                if defines_body || crate::proxy::headers::has(headers, &CONTENT_LENGTH) {
                     RequestFraming::Length(0)
                 } else {
                     RequestFraming::None

@@ -11,6 +11,48 @@ use http::header::{
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
+/// The most header values a map may hold for [`first`], [`has`] and [`all`] to walk it rather
+/// than hash the name: a request carries 5–15, and comparing a standard name is one byte.
+const WALKED_AT_MOST: usize = 16;
+
+/// `headers.get(name)`, found by walking a small map: hashing the name (as `get` does) cost
+/// more than the walk, and the cached path looked up a dozen names per request.
+pub fn first<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    if headers.len() > WALKED_AT_MOST {
+        return headers.get(name);
+    }
+    // A name's first value comes before its others.
+    headers
+        .iter()
+        .find_map(|(candidate, value)| (candidate == name).then_some(value))
+}
+
+/// `headers.contains_key(name)`, as [`first`] finds it.
+pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    if headers.len() > WALKED_AT_MOST {
+        return headers.contains_key(name);
+    }
+    headers.keys().any(|candidate| candidate == name)
+}
+
+/// `headers.get_all(name)`, in order, as [`first`] finds it.
+pub fn all<'a>(
+    headers: &'a HeaderMap,
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+    let walked = headers.len() <= WALKED_AT_MOST;
+    let hashed = (!walked).then(|| headers.get_all(name).iter());
+    let walk = walked.then(|| {
+        headers
+            .iter()
+            .filter_map(move |(candidate, value)| (candidate == name).then_some(value))
+    });
+    hashed
+        .into_iter()
+        .flatten()
+        .chain(walk.into_iter().flatten())
+}
+
 /// Headers only the gateway may set. A client-supplied header whose name folds to one of these
 /// (lowercase, `_` and `.` read as `-`) is removed before forwarding.
 pub const MANAGED: &[&str] = &[
@@ -94,9 +136,7 @@ fn folds_to_any(name: &str, set: &[&str]) -> bool {
 /// The header names listed in `Connection` headers, trimmed, in the case they were sent
 /// (compare them case-insensitively).
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> + '_ {
-    headers
-        .get_all(CONNECTION)
-        .iter()
+    all(headers, &CONNECTION)
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
@@ -113,8 +153,7 @@ pub fn connection_names_identity(headers: &HeaderMap) -> Option<String> {
 
 /// Whether this is a WebSocket upgrade request (RFC 6455 §4.1), the one upgrade passed through.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers
-        .get(UPGRADE)
+    let upgrade = first(headers, &UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
     upgrade && connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"))
@@ -143,7 +182,7 @@ pub struct Forwardable {
 
 impl Forwardable {
     pub fn new(headers: &HeaderMap, websocket: bool, forward_token: bool) -> Self {
-        let connection_named = if headers.contains_key(CONNECTION) {
+        let connection_named = if has(headers, &CONNECTION) {
             connection_tokens(headers)
                 .filter(|token| !(websocket && token.eq_ignore_ascii_case("upgrade")))
                 // `from_bytes` lowercases; a token that is no header name names nothing here.
@@ -209,6 +248,35 @@ pub fn acceptable_request_id(value: &HeaderValue) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Walked or hashed, a lookup finds what the map's own lookups find, in their order.
+        #[test]
+        fn walked_lookups_find_what_the_map_finds(
+            appended in proptest::collection::vec((0..6usize, 0..100u8), 0..40),
+        ) {
+            const NAMES: [HeaderName; 6] = [
+                HOST,
+                CONNECTION,
+                CONTENT_LENGTH,
+                X_AUTH_TOKEN,
+                X_REQUEST_ID,
+                X_FORWARDED_FOR,
+            ];
+            let mut headers = HeaderMap::new();
+            for (name, value) in appended {
+                headers.append(NAMES[name].clone(), HeaderValue::from(u16::from(value)));
+            }
+            for name in &NAMES {
+                prop_assert_eq!(first(&headers, name), headers.get(name));
+                prop_assert_eq!(has(&headers, name), headers.contains_key(name));
+                let found: Vec<_> = all(&headers, name).collect();
+                let expected: Vec<_> = headers.get_all(name).iter().collect();
+                prop_assert_eq!(found, expected);
+            }
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();

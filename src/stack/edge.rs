@@ -68,10 +68,8 @@ fn new_request_id() -> HeaderValue {
 
 /// Whether the client is a browser asking for a page (`Accept` names `text/html`); API clients
 /// and curl (`*/*`) get JSON.
-fn prefers_html(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(http::header::ACCEPT)
-        .iter()
+fn prefers_html(request_headers: &http::HeaderMap) -> bool {
+    headers::all(request_headers, &http::header::ACCEPT)
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|item| item.split(';').next().unwrap_or_default().trim() == "text/html")
@@ -139,9 +137,7 @@ where
             metrics.inflight_requests.inc();
             let _inflight = InflightGuard(metrics.clone());
 
-            let request_id = request
-                .headers()
-                .get(headers::X_REQUEST_ID)
+            let request_id = headers::first(request.headers(), &headers::X_REQUEST_ID)
                 .filter(|value| headers::acceptable_request_id(value))
                 .cloned()
                 .unwrap_or_else(new_request_id);
