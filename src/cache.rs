@@ -293,7 +293,10 @@ impl TokenCache {
                 key
             }
         };
-        let (entry, result) = self.lookup_entry(key, token).await?;
+        // Boxed: on a kept-alive connection the answer is usually remembered (above), and
+        // inline, the cache's lookup future (moka's, and the fetch's) would make every
+        // request's future a kilobyte larger, copied whenever the future is.
+        let (entry, result) = Box::pin(self.lookup_entry(key, token)).await?;
         // Only an answer read from the cache: a fetch's answer may have raced a purge (and be
         // taken out again right after), one read from the cache after `forgets` has not.
         if result == CacheResult::Hit {
