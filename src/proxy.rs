@@ -56,6 +56,60 @@ pub struct RequestInfo {
     pub token: Option<Token>,
     /// The connection's last token and its cache key ([`crate::cache::memo`]).
     pub key_memo: Arc<crate::cache::memo::KeyMemo>,
+    /// The identity header lines last sent upstream for this connection.
+    pub identity_lines: Arc<IdentityLines>,
+}
+
+/// The identity header lines (CONTRACT §4, `X-Auth-Mfa` included) last written upstream for a
+/// client connection's requests, with the principal they describe. A kept-alive client sends
+/// the same token on every request, its principal is the same cached `UserFacts` each time,
+/// and writing its five lines again (packed ids spelled out, each line encoded) cost more
+/// than a tenth of the upstream head. They are reused only for the very same facts (the same
+/// allocation, held here so that it cannot be another's) and the same `X-Auth-Mfa`: a
+/// connection that carries several users' requests gets each user's own lines.
+#[derive(Default)]
+pub struct IdentityLines(std::sync::Mutex<Option<WrittenFor>>);
+
+struct WrittenFor {
+    user: Arc<UserFacts>,
+    mfa: HeaderValue,
+    lines: Vec<u8>,
+}
+
+impl std::fmt::Debug for IdentityLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityLines")
+    }
+}
+
+impl IdentityLines {
+    /// Appends `principal`'s identity lines to `out`.
+    fn write(&self, out: &mut Vec<u8>, principal: &Principal) {
+        let (Some(user), Ok(mut last)) = (&principal.user, self.0.lock()) else {
+            return write_identity_lines(out, principal);
+        };
+        if let Some(last) = last
+            .as_ref()
+            .filter(|last| Arc::ptr_eq(&last.user, user) && last.mfa == principal.mfa)
+        {
+            return out.extend_from_slice(&last.lines);
+        }
+        let start = out.len();
+        write_identity_lines(out, principal);
+        *last = Some(WrittenFor {
+            user: user.clone(),
+            mfa: principal.mfa.clone(),
+            lines: out[start..].to_vec(),
+        });
+    }
+}
+
+/// The identity header lines of `principal`, written out.
+fn write_identity_lines(out: &mut Vec<u8>, principal: &Principal) {
+    for (name, value) in identity_values(principal) {
+        h1::header(out, name.as_str(), value.as_bytes());
+    }
+    h1::header(out, "x-auth-mfa", principal.mfa.as_bytes());
 }
 
 /// Permission to forward, issued by the auth layer only; carries what the upstream is told.
@@ -166,10 +220,7 @@ impl Upstream {
         );
         h1::header(&mut out, "x-forwarded-proto", info.proto.as_bytes());
         h1::header(&mut out, "x-request-id", info.request_id.as_bytes());
-        for (name, value) in identity_values(principal) {
-            h1::header(&mut out, name.as_str(), value.as_bytes());
-        }
-        h1::header(&mut out, "x-auth-mfa", principal.mfa.as_bytes());
+        info.identity_lines.write(&mut out, principal);
         if let Some(signer) = &self.assertion {
             let identity = principal.user.as_ref().map(|user| &user.identity);
             let fields = identity.map(|identity| {
@@ -393,6 +444,64 @@ pub fn full_body(bytes: impl Into<Bytes>) -> Body {
 mod tests {
     use super::*;
     use crate::metrics::UPSTREAM_CLASSES;
+
+    fn principal(user_id: &str, mfa: &'static str) -> Principal {
+        let facts = UserFacts {
+            identity: crate::iam::Identity::new(user_id, "name", "d-1", "acme").unwrap(),
+            expires_at: std::time::SystemTime::now(),
+            totp_login: false,
+            mfa_device: Some(true),
+            login_protect: None,
+        };
+        Principal {
+            user: Some(Arc::new(facts)),
+            mfa: HeaderValue::from_static(mfa),
+        }
+    }
+
+    fn written(memo: &IdentityLines, principal: &Principal) -> String {
+        let mut out = b"GET / HTTP/1.1\r\n".to_vec();
+        memo.write(&mut out, principal);
+        String::from_utf8(out).unwrap()
+    }
+
+    /// A connection's identity lines are reused for the same facts and `X-Auth-Mfa` only.
+    #[test]
+    fn each_principal_on_a_connection_gets_its_own_identity_lines() {
+        let memo = IdentityLines::default();
+        let alice = principal("u-alice", "mfa_device");
+        let lines = |user: &str, mfa: &str| {
+            format!(
+                "GET / HTTP/1.1\r\nx-auth-user-id: {user}\r\nx-auth-user-name: name\r\n\
+                 x-auth-domain-id: d-1\r\nx-auth-domain-name: acme\r\nx-auth-mfa: {mfa}\r\n"
+            )
+        };
+        assert_eq!(written(&memo, &alice), lines("u-alice", "mfa_device"));
+        assert_eq!(written(&memo, &alice), lines("u-alice", "mfa_device"));
+        let bob = principal("u-bob", "mfa_device");
+        assert_eq!(written(&memo, &bob), lines("u-bob", "mfa_device"));
+        let bob_other_factor = Principal {
+            mfa: HeaderValue::from_static("login_protect"),
+            ..bob.clone()
+        };
+        assert_eq!(
+            written(&memo, &bob_other_factor),
+            lines("u-bob", "login_protect")
+        );
+        // The same identity in other facts (a refreshed cache entry) is written again.
+        assert_eq!(
+            written(&memo, &principal("u-alice", "none")),
+            lines("u-alice", "none")
+        );
+        let anonymous = Principal {
+            user: None,
+            mfa: HeaderValue::from_static("none"),
+        };
+        assert_eq!(
+            written(&memo, &anonymous),
+            "GET / HTTP/1.1\r\nx-auth-mfa: none\r\n"
+        );
+    }
 
     #[test]
     fn identity_headers_carry_the_identity_and_bad_values_are_left_out() {

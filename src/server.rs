@@ -137,6 +137,7 @@ pub async fn serve(
             proto,
             framing,
             key_memo: Default::default(),
+            identity_lines: Default::default(),
         };
         let activity = Arc::new(Activity::new());
         let deadline = HeadDeadline::new(settings.header_read_timeout, Arc::clone(&activity));

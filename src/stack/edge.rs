@@ -32,6 +32,8 @@ pub struct ConnInfo {
     pub framing: crate::server::framing::FramingVerdicts,
     /// The connection's last token and its cache key.
     pub key_memo: Arc<crate::cache::memo::KeyMemo>,
+    /// The identity header lines last sent upstream for the connection.
+    pub identity_lines: Arc<crate::proxy::IdentityLines>,
 }
 
 /// The client address for the access log, formatted lazily.

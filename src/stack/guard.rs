@@ -194,6 +194,7 @@ fn admit(request: &mut Request<RequestBody>, max_header_bytes: usize) -> Result<
         path,
         token,
         key_memo: conn.key_memo,
+        identity_lines: conn.identity_lines,
     });
     Ok(())
 }
