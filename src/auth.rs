@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use crate::stack::RequestBody;
 use arc_swap::ArcSwap;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use ipnet::IpNet;
 
 use crate::cache::memo::KeyMemo;
@@ -28,7 +28,7 @@ use crate::decision::{Decision, DecisionSlot, Reason};
 use crate::error::GatewayError;
 use crate::iam::{TokenStatus, UserFacts};
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy, Subject};
+use crate::policy::{self, Policy, Subject, NO_FACTOR};
 use crate::proxy::{self, path, Body, Principal};
 use crate::stack::context::RequestContext;
 
@@ -72,14 +72,13 @@ impl Auth {
                 user: user.cloned(),
             });
         };
-        let none = HeaderValue::from_static("none");
 
         if let Some(rule) = policy.match_request(subject) {
             self.count_rule(&rule.name);
             decided(true, Reason::Allowlisted, Some(rule), None);
             return Ok(Principal {
                 user: None,
-                mfa: none,
+                mfa: NO_FACTOR,
             });
         }
 
@@ -95,7 +94,7 @@ impl Auth {
                         decided(true, Reason::IamUnavailable, None, None);
                         Ok(Principal {
                             user: None,
-                            mfa: none,
+                            mfa: NO_FACTOR,
                         })
                     }
                 };
@@ -106,7 +105,7 @@ impl Auth {
             decided(true, Reason::Allowlisted, Some(rule), Some(&facts));
             return Ok(Principal {
                 user: Some(facts.clone()),
-                mfa: none,
+                mfa: NO_FACTOR,
             });
         }
 
@@ -123,7 +122,7 @@ impl Auth {
                 decided(true, Reason::ReportOnly, None, Some(&facts));
                 Ok(Principal {
                     user: Some(facts.clone()),
-                    mfa: none,
+                    mfa: NO_FACTOR,
                 })
             }
             Mode::Enforce => {

@@ -27,6 +27,9 @@ pub struct Evaluation {
     pub factors: HeaderValue,
 }
 
+/// `X-Auth-Mfa` of a request no factor let through (checked at compile time: a `const`).
+pub const NO_FACTOR: HeaderValue = HeaderValue::from_static("none");
+
 /// The compiled policy of one config generation.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -37,6 +40,8 @@ pub struct Policy {
     /// How the provider's MFA-device fact is named in `X-Auth-Mfa` (`mfa_device` for Huawei,
     /// `cloudsso_mfa` for CloudSSO).
     device_factor: &'static str,
+    /// `device_factor` as the `X-Auth-Mfa` value, checked once rather than per request.
+    device_factor_value: HeaderValue,
     /// `[[route]]` overrides, first match wins.
     routes: Vec<Route>,
 }
@@ -62,6 +67,7 @@ impl Policy {
             rules,
             trusted_proxies,
             device_factor: "mfa_device",
+            device_factor_value: HeaderValue::from_static("mfa_device"),
             routes: Vec::new(),
         }
     }
@@ -122,6 +128,7 @@ impl Policy {
     /// Names the device factor in `X-Auth-Mfa` differently (per provider).
     pub fn with_device_factor(mut self, name: &'static str) -> Self {
         self.device_factor = name;
+        self.device_factor_value = HeaderValue::from_static(name);
         self
     }
 
@@ -203,9 +210,9 @@ impl Policy {
         };
         let counted_method = login_protect.filter(|_| count_login_protect);
         let factors = match (count_device && device, counted_method) {
-            (false, None) => HeaderValue::from_static("none"),
+            (false, None) => NO_FACTOR,
             // The common case costs no allocation: the factor name is static.
-            (true, None) => HeaderValue::from_static(self.device_factor),
+            (true, None) => self.device_factor_value.clone(),
             (with_device, Some(method)) => {
                 let mut text = String::with_capacity(40);
                 if with_device {
@@ -215,7 +222,7 @@ impl Policy {
                 text.push_str("login_protect:");
                 text.push_str(method);
                 // Factor names and lowercased IAM methods checked against the config's list.
-                HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("none"))
+                HeaderValue::from_str(&text).unwrap_or(NO_FACTOR)
             }
         };
         let factor_ok = match effective.require {
