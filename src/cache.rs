@@ -603,11 +603,15 @@ impl Inner {
 
     /// Caches `entry` unless a purge came while it was being fetched.
     async fn insert(&self, key: Key, entry: Entry, purges: u64) -> Entry {
-        let cache = match entry.status {
-            TokenStatus::Valid(_) => &self.valid,
-            TokenStatus::Invalid => &self.invalid,
+        let (cache, other) = match entry.status {
+            TokenStatus::Valid(_) => (&self.valid, &self.invalid),
+            TokenStatus::Invalid => (&self.invalid, &self.valid),
         };
         cache.insert(local(&key), entry.clone()).await;
+        // A token has one answer: an older one of the other kind would be found first (the
+        // valid cache is read first), asked again as stale on every request, and, while the
+        // IAM fails, served — a revoked token let in on its stale "valid".
+        other.invalidate(&local(&key)).await;
         if self.purged_since(purges) {
             // The purge may have run before the insert: take it out again (and out of the
             // connections that read it meanwhile).
@@ -732,6 +736,80 @@ mod tests {
             Vec::new(),
         )));
         TokenCache::new(iam, policy, config.cache, Arc::new(Metrics::new()))
+    }
+
+    /// Answers what it is told to, in turn; counts the lookups.
+    struct ScriptedIam(Mutex<std::collections::VecDeque<Result<TokenStatus, IamError>>>);
+
+    impl IamProvider for ScriptedIam {
+        fn lookup<'a>(
+            &'a self,
+            _: &'a Token,
+            _: Needs,
+        ) -> BoxFuture<'a, Result<TokenStatus, IamError>> {
+            let next = self.0.lock().unwrap().pop_front().expect("an answer left");
+            Box::pin(async move { next })
+        }
+    }
+
+    /// A token the IAM called valid, then (once that answer was stale) invalid, stays invalid
+    /// while the IAM fails: the stale "valid" is gone, not served.
+    #[tokio::test]
+    async fn a_token_revoked_after_its_answer_went_stale_is_never_let_in_on_it() {
+        let facts = crate::iam::UserFacts {
+            identity: crate::iam::Identity::new("u-1", "alice", "d-1", "acme").unwrap(),
+            expires_at: SystemTime::now() + Duration::from_secs(3600),
+            totp_login: false,
+            mfa_device: Some(true),
+            login_protect: None,
+        };
+        let failing = || IamError::Transport {
+            api: "test",
+            detail: "down".into(),
+        };
+        let iam = Arc::new(ScriptedIam(Mutex::new(
+            [
+                Ok(TokenStatus::Valid(Arc::new(facts))),
+                Ok(TokenStatus::Invalid),
+                Err(failing()),
+                Err(failing()),
+            ]
+            .into(),
+        )));
+        let config = CacheConfig {
+            ttl: Duration::from_millis(30),
+            negative_ttl: Duration::from_secs(3600),
+            max_entries: 100,
+            stale_if_error: Duration::from_secs(3600),
+        };
+        let config_text = crate::config::Config::from_toml(
+            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[iam]\nendpoint = \"http://127.0.0.1:9\"\n",
+            std::path::Path::new("<test>"),
+        )
+        .expect("a valid config");
+        let policy = Arc::new(ArcSwap::from_pointee(Policy::new(
+            config_text.policy.clone(),
+            Vec::new(),
+            Vec::new(),
+        )));
+        let cache = TokenCache::new(iam.clone(), policy, config, Arc::new(Metrics::new()));
+        let token = Token::new("a-token-revoked-later");
+        let (status, _) = cache.lookup(&token).await.unwrap();
+        assert!(matches!(status, TokenStatus::Valid(_)));
+
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let (status, result) = cache.lookup(&token).await.unwrap();
+        assert!(matches!(status, TokenStatus::Invalid));
+        assert_eq!(result, CacheResult::Miss);
+
+        // The IAM is down now; the fresh "invalid" is the answer, from the cache.
+        let (status, result) = cache.lookup(&token).await.unwrap();
+        assert!(
+            matches!(status, TokenStatus::Invalid),
+            "let in on a stale answer"
+        );
+        assert_eq!(result, CacheResult::Hit);
+        assert_eq!(iam.0.lock().unwrap().len(), 2, "the IAM was asked again");
     }
 
     /// A lookup that missed while another one's fetch was ending reaches `fetch` once that
