@@ -638,6 +638,30 @@ async fn stale_entries_serve_while_the_iam_fails_within_stale_if_error() {
     );
 }
 
+/// A token revoked once its "allowed" was stale is refused, and stays refused while the IAM
+/// fails: an outage falls back on the IAM's last word, the revocation, not on what came before.
+#[tokio::test]
+async fn a_revoked_token_is_not_let_in_on_its_earlier_answer_while_the_iam_fails() {
+    let h = Harness::with_config("[cache]\nttl = \"300ms\"\nstale_if_error = \"30s\"\n").await;
+    assert_eq!(h.get_as("/", "alice").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.sim.remove_token(&h.token("alice"));
+    assert_eq!(
+        h.get_as("/", "alice").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let verified = h.sim.calls(Api::VerifyToken);
+    h.sim.set_fault(None, Some(Fault::Status(500)));
+    for _ in 0..3 {
+        assert_eq!(
+            h.get_as("/", "alice").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Answered from the cache: the revocation is fresh, nothing is asked again.
+    assert_eq!(h.sim.calls(Api::VerifyToken), verified);
+}
+
 #[tokio::test]
 async fn on_iam_error_allow_fails_open_without_identity() {
     let h = Harness::with_config("[policy]\non_iam_error = \"allow\"\n").await;
