@@ -254,14 +254,15 @@ impl Upstream {
         Ok(out)
     }
 
-    /// Forwards the request and streams the answer back.
-    pub async fn forward(
+    /// The request as the upstream gets it: its head written, and of the client's request only
+    /// what sending needs (the rest is dropped here, not held while the upstream answers).
+    pub fn prepare(
         &self,
         mut request: Request<RequestBody>,
         info: &RequestInfo,
         principal: &Principal,
         kept_as: h1::KeptHeaders,
-    ) -> Result<Response<Body>, GatewayError> {
+    ) -> Result<Prepared, GatewayError> {
         let websocket = headers::is_websocket_upgrade(request.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
         let framing = h1::RequestFraming::of(
@@ -272,8 +273,30 @@ impl Upstream {
         );
         let head = self.request_head(&request, info, principal, websocket, framing)?;
         let (parts, body) = request.into_parts();
+        Ok(Prepared {
+            method: parts.method,
+            head,
+            framing,
+            websocket,
+            kept_as,
+            body,
+            client_upgrade,
+        })
+    }
+
+    /// Sends a prepared request and streams the answer back.
+    pub async fn forward(&self, prepared: Prepared) -> Result<Response<Body>, GatewayError> {
+        let Prepared {
+            method,
+            head,
+            framing,
+            websocket,
+            kept_as,
+            body,
+            client_upgrade,
+        } = prepared;
         let outgoing = pool::Outgoing {
-            method: &parts.method,
+            method: &method,
             head: &head,
             framing,
             websocket,
@@ -312,6 +335,19 @@ impl Upstream {
     fn count(&self, class: usize) {
         self.metrics.upstream_responses_by_class[class].inc();
     }
+}
+
+/// A request ready for the upstream ([`Upstream::prepare`]). Small on purpose: it is what the
+/// proxy's future holds while the upstream answers, and that future is copied into its box.
+pub struct Prepared {
+    method: http::Method,
+    head: Vec<u8>,
+    framing: h1::RequestFraming,
+    websocket: bool,
+    kept_as: h1::KeptHeaders,
+    body: RequestBody,
+    /// The client's side of a WebSocket upgrade.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// Room for a typical upstream request head, so that writing it allocates once.
@@ -381,25 +417,32 @@ impl tower::Service<Request<RequestBody>> for ProxyService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
         let upstream = self.upstream.load_full();
-        Box::pin(async move {
-            // Taken out, not copied: nothing after the proxy reads them.
-            let context = RequestContext::of_mut(&mut request)?;
-            let (Some(principal), Some(info)) = (context.principal.take(), context.info.take())
-            else {
-                return Err(GatewayError::Internal(
-                    "request reached the proxy without a decision or request info",
-                ));
-            };
-            let kept_as = if context.own_writer {
-                h1::KeptHeaders::AsLines
-            } else {
-                h1::KeptHeaders::InMap
-            };
-            upstream.forward(request, &info, &principal, kept_as).await
-        })
+        // Prepared before the future is made: the client's request is not part of it.
+        let prepared = prepare(&upstream, request);
+        Box::pin(async move { upstream.forward(prepared?).await })
     }
+}
+
+/// The upstream request for `request`, with the decision and facts the layers before left in
+/// its context (taken out, not copied: nothing after the proxy reads them).
+fn prepare(
+    upstream: &Upstream,
+    mut request: Request<RequestBody>,
+) -> Result<Prepared, GatewayError> {
+    let context = RequestContext::of_mut(&mut request)?;
+    let (Some(principal), Some(info)) = (context.principal.take(), context.info.take()) else {
+        return Err(GatewayError::Internal(
+            "request reached the proxy without a decision or request info",
+        ));
+    };
+    let kept_as = if context.own_writer {
+        h1::KeptHeaders::AsLines
+    } else {
+        h1::KeptHeaders::InMap
+    };
+    upstream.prepare(request, &info, &principal, kept_as)
 }
 
 /// The identity headers of CONTRACT §4 a principal carries (`X-Auth-Mfa` aside). Values come
