@@ -38,10 +38,21 @@ pub fn pin_self(cpus: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free loopback port (bound and released; good enough on a quiet loopback).
+/// A free loopback port (bound and released; good enough on a quiet loopback), never one this
+/// process was given before: a port handed out but not yet bound by its server is free again,
+/// and the kernel may offer it twice (a gateway once got the same port for its listener and
+/// its admin listener, and refused to start).
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("port list lock");
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no loopback port that was not handed out already")
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
