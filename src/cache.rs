@@ -724,18 +724,24 @@ mod tests {
         }
     }
 
-    fn cache_over(iam: Arc<CountingIam>) -> TokenCache {
-        let config = crate::config::Config::from_toml(
+    /// A minimal valid config (nothing in it is reached).
+    fn test_config() -> crate::config::Config {
+        crate::config::Config::from_toml(
             "[upstream]\nurl = \"http://127.0.0.1:9\"\n[iam]\nendpoint = \"http://127.0.0.1:9\"\n",
             std::path::Path::new("<test>"),
         )
-        .expect("a valid config");
+        .expect("a valid config")
+    }
+
+    /// A cache in front of `iam` with these `[cache]` settings.
+    fn cache_over(iam: Arc<dyn IamProvider>, cache: CacheConfig) -> TokenCache {
+        let config = test_config();
         let policy = Arc::new(ArcSwap::from_pointee(Policy::new(
             config.policy.clone(),
             config.allow.clone(),
             Vec::new(),
         )));
-        TokenCache::new(iam, policy, config.cache, Arc::new(Metrics::new()))
+        TokenCache::new(iam, policy, cache, Arc::new(Metrics::new()))
     }
 
     /// Answers what it is told to, in turn; counts the lookups.
@@ -782,17 +788,7 @@ mod tests {
             max_entries: 100,
             stale_if_error: Duration::from_secs(3600),
         };
-        let config_text = crate::config::Config::from_toml(
-            "[upstream]\nurl = \"http://127.0.0.1:9\"\n[iam]\nendpoint = \"http://127.0.0.1:9\"\n",
-            std::path::Path::new("<test>"),
-        )
-        .expect("a valid config");
-        let policy = Arc::new(ArcSwap::from_pointee(Policy::new(
-            config_text.policy.clone(),
-            Vec::new(),
-            Vec::new(),
-        )));
-        let cache = TokenCache::new(iam.clone(), policy, config, Arc::new(Metrics::new()));
+        let cache = cache_over(iam.clone(), config);
         let token = Token::new("a-token-revoked-later");
         let (status, _) = cache.lookup(&token).await.unwrap();
         assert!(matches!(status, TokenStatus::Valid(_)));
@@ -817,7 +813,7 @@ mod tests {
     #[tokio::test]
     async fn a_fetch_started_after_the_answer_was_cached_does_not_ask_again() {
         let iam = Arc::new(CountingIam::default());
-        let cache = cache_over(iam.clone());
+        let cache = cache_over(iam.clone(), test_config().cache);
         let token = Token::new("a-token-nobody-has-seen");
         let (status, result) = cache.lookup(&token).await.unwrap();
         assert!(matches!(status, TokenStatus::Invalid));

@@ -286,25 +286,19 @@ impl Upstream {
 
     /// Sends a prepared request and streams the answer back.
     pub async fn forward(&self, prepared: Prepared) -> Result<Response<Body>, GatewayError> {
-        let Prepared {
-            method,
-            head,
-            framing,
-            websocket,
-            kept_as,
-            body,
-            client_upgrade,
-        } = prepared;
         let outgoing = pool::Outgoing {
-            method: &method,
-            head: &head,
-            framing,
-            websocket,
-            kept_as,
+            method: &prepared.method,
+            head: &prepared.head,
+            framing: prepared.framing,
+            websocket: prepared.websocket,
+            kept_as: prepared.kept_as,
         };
 
         let started = tokio::time::Instant::now();
-        let result = self.pool.send(outgoing, body, started + self.timeout).await;
+        let result = self
+            .pool
+            .send(outgoing, prepared.body, started + self.timeout)
+            .await;
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
@@ -324,7 +318,8 @@ impl Upstream {
         // The answer's hop-by-hop headers were left out as it was parsed.
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upgraded = response.body_mut().take_upgraded();
-        if let (true, Some(client_upgrade), Some(upgraded)) = (switching, client_upgrade, upgraded)
+        if let (true, Some(client_upgrade), Some(upgraded)) =
+            (switching, prepared.client_upgrade, upgraded)
         {
             tokio::spawn(tunnel(client_upgrade, upgraded));
         }
