@@ -10,6 +10,7 @@
 
 pub mod token;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -18,18 +19,19 @@ use std::task::{Context, Poll};
 
 use crate::stack::RequestBody;
 use arc_swap::ArcSwap;
+use futures_util::future::{ready, Either, Ready};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use ipnet::IpNet;
 
 use crate::cache::memo::KeyMemo;
-use crate::cache::TokenCache;
+use crate::cache::{CacheResult, TokenCache};
 use crate::config::{AllowRule, Mode, OnIamError};
 use crate::decision::{Decision, DecisionSlot, Reason};
 use crate::error::GatewayError;
-use crate::iam::{TokenStatus, UserFacts};
+use crate::iam::{IamError, TokenStatus, UserFacts};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Subject, NO_FACTOR};
-use crate::proxy::{self, path, Body, Principal};
+use crate::proxy::{self, path, Body, Principal, RequestInfo};
 use crate::stack::context::RequestContext;
 
 use self::token::Token;
@@ -55,82 +57,32 @@ impl Auth {
         slot: &DecisionSlot,
     ) -> Result<Principal, GatewayError> {
         let policy = self.policy.load();
-        let effective = policy.effective(subject.path);
-        let route = effective
-            .route
-            .map(|route| Arc::<str>::from(route.name.as_str()));
-        let decided = |allow: bool,
-                       reason: Reason,
-                       rule: Option<&AllowRule>,
-                       user: Option<&Arc<UserFacts>>| {
-            slot.set(Decision {
-                allow,
-                reason,
-                route: route.clone(),
-                rule: rule.map(|rule| Arc::from(rule.name.as_str())),
-                rule_reason: rule.and_then(|rule| rule.reason.clone()),
-                user: user.cloned(),
-            });
-        };
-
-        if let Some(rule) = policy.match_request(subject) {
-            self.count_rule(&rule.name);
-            decided(true, Reason::Allowlisted, Some(rule), None);
-            return Ok(Principal {
-                user: None,
-                mfa: NO_FACTOR,
-            });
+        let judge = Judge::new(self, &policy, subject, slot);
+        match judge.before_facts(token) {
+            Ok(token) => judge.with_facts(self.cache.lookup_on(token, key_memo).await),
+            Err(decided) => decided,
         }
+    }
 
-        let token = token.ok_or(GatewayError::NoToken)?;
-        let facts = match self.cache.lookup_on(token, key_memo).await {
-            Ok((TokenStatus::Valid(facts), _)) => facts,
-            Ok((TokenStatus::Invalid, _)) => return Err(GatewayError::InvalidToken),
-            Err(err) => {
-                return match policy.on_iam_error() {
-                    OnIamError::Deny => Err(GatewayError::IamUnavailable(err)),
-                    OnIamError::Allow => {
-                        tracing::warn!(cause = %err, "IAM unavailable; letting the request through (policy.on_iam_error = \"allow\")");
-                        decided(true, Reason::IamUnavailable, None, None);
-                        Ok(Principal {
-                            user: None,
-                            mfa: NO_FACTOR,
-                        })
-                    }
-                };
+    /// [`Auth::decide`] at once, when nothing has to be awaited: the request is allowlisted or
+    /// has no token, or the connection remembers a fresh answer for its token (the common
+    /// case: a kept-alive client sending its token again). `None`: the token's facts must be
+    /// looked up; nothing is decided or counted yet.
+    fn decide_now(
+        &self,
+        subject: Subject<'_>,
+        token: Option<&Token>,
+        key_memo: &KeyMemo,
+        slot: &DecisionSlot,
+    ) -> Option<Result<Principal, GatewayError>> {
+        let policy = self.policy.load();
+        let judge = Judge::new(self, &policy, subject, slot);
+        match judge.before_facts(token) {
+            Ok(token) => {
+                let remembered = self.cache.remembered_on(token, key_memo)?;
+                Some(judge.with_facts(Ok(remembered)))
             }
-        };
-        if let Some(rule) = policy.match_identity(subject, &facts.identity) {
-            self.count_rule(&rule.name);
-            decided(true, Reason::Allowlisted, Some(rule), Some(&facts));
-            return Ok(Principal {
-                user: Some(facts.clone()),
-                mfa: NO_FACTOR,
-            });
-        }
-
-        let evaluation = policy.evaluate(&facts, effective);
-        if evaluation.satisfied {
-            decided(true, Reason::MfaVerified, None, Some(&facts));
-            return Ok(Principal {
-                user: Some(facts.clone()),
-                mfa: evaluation.factors,
-            });
-        }
-        match effective.mode {
-            Mode::ReportOnly => {
-                decided(true, Reason::ReportOnly, None, Some(&facts));
-                Ok(Principal {
-                    user: Some(facts.clone()),
-                    mfa: NO_FACTOR,
-                })
-            }
-            Mode::Enforce => {
-                decided(false, Reason::NoMfa, None, Some(&facts));
-                Err(GatewayError::NoMfa {
-                    help_url: policy.help_url().cloned(),
-                })
-            }
+            Err(decided) => Some(decided),
         }
     }
 
@@ -139,6 +91,130 @@ impl Auth {
             .allowlist_matches
             .with_label_values(&[name])
             .inc();
+    }
+}
+
+/// One request's decision under one policy: what is decided before the token's facts are
+/// known, and what after.
+struct Judge<'a> {
+    auth: &'a Auth,
+    policy: &'a Policy,
+    subject: Subject<'a>,
+    effective: policy::Effective<'a>,
+    route: Option<Arc<str>>,
+    slot: &'a DecisionSlot,
+}
+
+impl<'a> Judge<'a> {
+    fn new(
+        auth: &'a Auth,
+        policy: &'a Policy,
+        subject: Subject<'a>,
+        slot: &'a DecisionSlot,
+    ) -> Self {
+        let effective = policy.effective(subject.path);
+        let route = effective
+            .route
+            .map(|route| Arc::<str>::from(route.name.as_str()));
+        Judge {
+            auth,
+            policy,
+            subject,
+            effective,
+            route,
+            slot,
+        }
+    }
+
+    /// Leaves the decision in the request's slot.
+    fn decided(
+        &self,
+        allow: bool,
+        reason: Reason,
+        rule: Option<&AllowRule>,
+        user: Option<&Arc<UserFacts>>,
+    ) {
+        self.slot.set(Decision {
+            allow,
+            reason,
+            route: self.route.clone(),
+            rule: rule.map(|rule| Arc::from(rule.name.as_str())),
+            rule_reason: rule.and_then(|rule| rule.reason.clone()),
+            user: user.cloned(),
+        });
+    }
+
+    /// The token whose facts decide, or the decision made without them: an allowlisted
+    /// request, or a request without a token.
+    fn before_facts<'t>(
+        &self,
+        token: Option<&'t Token>,
+    ) -> Result<&'t Token, Result<Principal, GatewayError>> {
+        if let Some(rule) = self.policy.match_request(self.subject) {
+            self.auth.count_rule(&rule.name);
+            self.decided(true, Reason::Allowlisted, Some(rule), None);
+            return Err(Ok(Principal {
+                user: None,
+                mfa: NO_FACTOR,
+            }));
+        }
+        token.ok_or(Err(GatewayError::NoToken))
+    }
+
+    /// The decision on the token's facts, as the cache (or the IAM behind it) gave them.
+    fn with_facts(
+        &self,
+        looked_up: Result<(TokenStatus, CacheResult), Arc<IamError>>,
+    ) -> Result<Principal, GatewayError> {
+        let facts = match looked_up {
+            Ok((TokenStatus::Valid(facts), _)) => facts,
+            Ok((TokenStatus::Invalid, _)) => return Err(GatewayError::InvalidToken),
+            Err(err) => {
+                return match self.policy.on_iam_error() {
+                    OnIamError::Deny => Err(GatewayError::IamUnavailable(err)),
+                    OnIamError::Allow => {
+                        tracing::warn!(cause = %err, "IAM unavailable; letting the request through (policy.on_iam_error = \"allow\")");
+                        self.decided(true, Reason::IamUnavailable, None, None);
+                        Ok(Principal {
+                            user: None,
+                            mfa: NO_FACTOR,
+                        })
+                    }
+                };
+            }
+        };
+        if let Some(rule) = self.policy.match_identity(self.subject, &facts.identity) {
+            self.auth.count_rule(&rule.name);
+            self.decided(true, Reason::Allowlisted, Some(rule), Some(&facts));
+            return Ok(Principal {
+                user: Some(facts.clone()),
+                mfa: NO_FACTOR,
+            });
+        }
+
+        let evaluation = self.policy.evaluate(&facts, self.effective);
+        if evaluation.satisfied {
+            self.decided(true, Reason::MfaVerified, None, Some(&facts));
+            return Ok(Principal {
+                user: Some(facts.clone()),
+                mfa: evaluation.factors,
+            });
+        }
+        match self.effective.mode {
+            Mode::ReportOnly => {
+                self.decided(true, Reason::ReportOnly, None, Some(&facts));
+                Ok(Principal {
+                    user: Some(facts.clone()),
+                    mfa: NO_FACTOR,
+                })
+            }
+            Mode::Enforce => {
+                self.decided(false, Reason::NoMfa, None, Some(&facts));
+                Err(GatewayError::NoMfa {
+                    help_url: self.policy.help_url().cloned(),
+                })
+            }
+        }
     }
 }
 
@@ -199,6 +275,89 @@ pub struct AuthService<S> {
     inner: S,
 }
 
+/// What is decided about: the request itself, or for the decision endpoint the original
+/// request it describes; borrowed from the request's context.
+struct Asking<'r> {
+    method: Cow<'r, Method>,
+    path: Cow<'r, str>,
+    info: &'r RequestInfo,
+    slot: Cow<'r, DecisionSlot>,
+    /// The decision endpoint: the decision is the answer, nothing is forwarded.
+    endpoint: bool,
+}
+
+impl<'r> Asking<'r> {
+    fn of(auth: &Auth, request: &'r Request<RequestBody>) -> Result<Self, GatewayError> {
+        let context = RequestContext::of(request)?;
+        let Some(info) = context.info.as_ref() else {
+            return Err(GatewayError::Internal(
+                "request reached auth without request info",
+            ));
+        };
+        let slot = match &context.slot {
+            Some(slot) => Cow::Borrowed(slot),
+            None => Cow::Owned(DecisionSlot::default()),
+        };
+        if &*info.path == DECISION_PATH {
+            let trusted = auth.policy.load().trusted_proxies().to_vec();
+            let (method, path) = original_request(request.headers(), info.peer().ip(), &trusted)?;
+            return Ok(Asking {
+                method: Cow::Owned(method),
+                path: Cow::Owned(path),
+                info,
+                slot,
+                endpoint: true,
+            });
+        }
+        Ok(Asking {
+            method: Cow::Borrowed(request.method()),
+            path: Cow::Borrowed(&info.path),
+            info,
+            slot,
+            endpoint: false,
+        })
+    }
+
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            method: &self.method,
+            path: &self.path,
+            peer: self.info.peer().ip(),
+            now: std::time::SystemTime::now(),
+        }
+    }
+
+    fn decide_now(&self, auth: &Auth) -> Option<Result<Principal, GatewayError>> {
+        let token = self.info.token.as_ref();
+        auth.decide_now(self.subject(), token, &self.info.conn.key_memo, &self.slot)
+    }
+
+    async fn decide(&self, auth: &Auth) -> Result<Principal, GatewayError> {
+        let token = self.info.token.as_ref();
+        auth.decide(self.subject(), token, &self.info.conn.key_memo, &self.slot)
+            .await
+    }
+}
+
+/// Where an allowed request goes on: the decision endpoint's answer (with the identity
+/// headers), or `None` for the request to be forwarded, now with its principal.
+fn pass(
+    request: &mut Request<RequestBody>,
+    principal: Principal,
+    endpoint: bool,
+) -> Result<Option<Response<Body>>, GatewayError> {
+    if endpoint {
+        let mut response = Response::new(proxy::full_body(""));
+        *response.status_mut() = StatusCode::OK;
+        proxy::write_identity(response.headers_mut(), &principal);
+        return Ok(Some(response));
+    }
+    RequestContext::of_mut(request)?.principal = Some(principal);
+    Ok(None)
+}
+
+type Later = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
 impl<S> tower::Service<Request<RequestBody>> for AuthService<S>
 where
     S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = GatewayError>
@@ -209,56 +368,45 @@ where
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+    /// A request decided at once (see [`Auth::decide_now`]) goes on as the inner service's
+    /// future itself, or is answered at once; only one whose token's facts are looked up
+    /// gets a future (boxed) of its own.
+    type Future = Either<S::Future, Either<Ready<Result<Response<Body>, GatewayError>>, Later>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let auth = self.auth.clone();
-        // The service that was polled ready is the one called (tower's clone-and-swap idiom).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let context = RequestContext::of(&request)?;
-            let slot = context.slot.clone().unwrap_or_default();
-            // Borrowed, not copied: the proxy takes it out of the request later.
-            let Some(info) = context.info.as_ref() else {
-                return Err(GatewayError::Internal(
-                    "request reached auth without request info",
-                ));
-            };
-
-            if &*info.path == DECISION_PATH {
-                let trusted = auth.policy.load().trusted_proxies().to_vec();
-                let (method, path) = original_request(request.headers(), info.peer.ip(), &trusted)?;
-                let subject = Subject {
-                    method: &method,
-                    path: &path,
-                    peer: info.peer.ip(),
-                    now: std::time::SystemTime::now(),
-                };
-                let principal = auth
-                    .decide(subject, info.token.as_ref(), &info.key_memo, &slot)
-                    .await?;
-                let mut response = Response::new(proxy::full_body(""));
-                *response.status_mut() = StatusCode::OK;
-                proxy::write_identity(response.headers_mut(), &principal);
-                return Ok(response);
+        let now = match Asking::of(&self.auth, &request) {
+            Ok(asking) => asking
+                .decide_now(&self.auth)
+                .map(|decided| decided.map(|principal| (principal, asking.endpoint))),
+            Err(err) => Some(Err(err)),
+        };
+        match now.map(|decided| {
+            decided.and_then(|(principal, endpoint)| pass(&mut request, principal, endpoint))
+        }) {
+            // The inner service was polled ready just before, and is called right here.
+            Some(Ok(None)) => Either::Left(self.inner.call(request)),
+            Some(Ok(Some(answer))) => Either::Right(Either::Left(ready(Ok(answer)))),
+            Some(Err(err)) => Either::Right(Either::Left(ready(Err(err)))),
+            None => {
+                let auth = self.auth.clone();
+                // The service that was polled ready is the one called (tower's clone-and-swap
+                // idiom).
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Either::Right(Either::Right(Box::pin(async move {
+                    let asking = Asking::of(&auth, &request)?;
+                    let principal = asking.decide(&auth).await?;
+                    let endpoint = asking.endpoint;
+                    match pass(&mut request, principal, endpoint)? {
+                        Some(answer) => Ok(answer),
+                        None => inner.call(request).await,
+                    }
+                })))
             }
-
-            let subject = Subject {
-                method: request.method(),
-                path: &info.path,
-                peer: info.peer.ip(),
-                now: std::time::SystemTime::now(),
-            };
-            let principal = auth
-                .decide(subject, info.token.as_ref(), &info.key_memo, &slot)
-                .await?;
-            RequestContext::of_mut(&mut request)?.principal = Some(principal);
-            inner.call(request).await
-        })
+        }
     }
 }

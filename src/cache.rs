@@ -274,6 +274,21 @@ impl TokenCache {
         self.lookup_key(self.key(token), token).await
     }
 
+    /// The answer the client connection's `memo` remembers for `token` while it is fresh (and
+    /// nothing was purged since), counted as a hit: what [`TokenCache::lookup_on`] answers
+    /// without a lookup, known at once. `None`: the answer must be looked up.
+    pub fn remembered_on(
+        &self,
+        token: &Token,
+        memo: &KeyMemo,
+    ) -> Option<(TokenStatus, CacheResult)> {
+        let forgets = self.0.forgets.load(Ordering::Acquire);
+        match memo.recall(self.0.id, token, forgets, Stamp::now()) {
+            Recalled::Answer(status) => Some(self.counted(status, CacheResult::Hit)),
+            Recalled::Key(_) | Recalled::Nothing => None,
+        }
+    }
+
     /// [`TokenCache::lookup`] for a request on a client connection whose last token `memo`
     /// remembers: the same token again costs no HMAC, and while the cache's answer for it is
     /// fresh (and nothing was purged since), no cache lookup either.

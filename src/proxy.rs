@@ -33,6 +33,7 @@ use crate::error::GatewayError;
 use crate::iam::UserFacts;
 use crate::metrics::Metrics;
 use crate::stack::context::RequestContext;
+use crate::stack::edge::ConnInfo;
 
 /// Errors inside streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -44,20 +45,20 @@ pub use body::Body;
 pub struct RequestInfo {
     /// `X-Request-Id`: the client's if acceptable, else a fresh UUID.
     pub request_id: HeaderValue,
-    /// The socket peer (never a header: headers are the client's word).
-    pub peer: SocketAddr,
-    /// Its IP address as a header value, for `X-Forwarded-For`.
-    pub peer_ip: HeaderValue,
-    /// `http` or `https`, of the listener the request came in on.
-    pub proto: &'static str,
+    /// The connection it came on: the socket peer (never a header: headers are the client's
+    /// word), `http` or `https`, and what the connection's requests share.
+    pub conn: Arc<ConnInfo>,
     /// The normalised path, the one that was matched and is forwarded.
     pub path: Arc<str>,
     /// The client's token, if any was sent.
     pub token: Option<Token>,
-    /// The connection's last token and its cache key ([`crate::cache::memo`]).
-    pub key_memo: Arc<crate::cache::memo::KeyMemo>,
-    /// The identity header lines last sent upstream for this connection.
-    pub identity_lines: Arc<IdentityLines>,
+}
+
+impl RequestInfo {
+    /// The socket peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.conn.peer
+    }
 }
 
 /// The identity header lines (CONTRACT §4, `X-Auth-Mfa` included) last written upstream for a
@@ -216,11 +217,11 @@ impl Upstream {
         headers::write_forwarded_for(
             &mut out,
             headers::first(client, &headers::X_FORWARDED_FOR),
-            &info.peer_ip,
+            &info.conn.peer_ip,
         );
-        h1::header(&mut out, "x-forwarded-proto", info.proto.as_bytes());
+        h1::header(&mut out, "x-forwarded-proto", info.conn.proto.as_bytes());
         h1::header(&mut out, "x-request-id", info.request_id.as_bytes());
-        info.identity_lines.write(&mut out, principal);
+        info.conn.identity_lines.write(&mut out, principal);
         if let Some(signer) = &self.assertion {
             let identity = principal.user.as_ref().map(|user| &user.identity);
             let fields = identity.map(|identity| {

@@ -130,7 +130,7 @@ pub async fn serve(
         }
         let framing = FramingVerdicts::default();
         let observer = FramingObserver::new(framing.clone(), buf_size(&settings));
-        let conn_info = ConnInfo {
+        let conn_info = Arc::new(ConnInfo {
             peer,
             peer_ip: HeaderValue::try_from(peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
@@ -138,7 +138,7 @@ pub async fn serve(
             framing,
             key_memo: Default::default(),
             identity_lines: Default::default(),
-        };
+        });
         let activity = Arc::new(Activity::new());
         let deadline = HeadDeadline::new(settings.header_read_timeout, Arc::clone(&activity));
         let svc = service.clone();
@@ -147,7 +147,7 @@ pub async fn serve(
         let answer = move |mut request: hyper::Request<RequestBody>, own_writer: bool| {
             request
                 .extensions_mut()
-                .insert(RequestContext::new(conn_info.clone(), own_writer));
+                .insert(RequestContext::new(Arc::clone(&conn_info), own_writer));
             activity.request_started();
             let activity = Arc::clone(&activity);
             let answer = svc.clone().oneshot(request);

@@ -5,6 +5,8 @@
 //! [`Principal`]; the proxy takes both out. One extension is one allocation and one map entry
 //! per request, where one extension per fact cost five of each, and four removes.
 
+use std::sync::Arc;
+
 use http::{HeaderValue, Request};
 
 use crate::decision::DecisionSlot;
@@ -15,7 +17,7 @@ use crate::stack::edge::ConnInfo;
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     /// Where the connection came from (the server); taken by the guard.
-    pub conn: Option<ConnInfo>,
+    pub conn: Option<Arc<ConnInfo>>,
     /// The request's `X-Request-Id` (the edge); taken by the guard.
     pub request_id: Option<HeaderValue>,
     /// Where the auth layer leaves its decision for the edge to count and log (the edge).
@@ -32,7 +34,7 @@ pub struct RequestContext {
 
 impl RequestContext {
     /// The context of a request that arrived on a connection from `conn`.
-    pub fn new(conn: ConnInfo, own_writer: bool) -> Self {
+    pub fn new(conn: Arc<ConnInfo>, own_writer: bool) -> Self {
         RequestContext {
             conn: Some(conn),
             request_id: None,

@@ -10,8 +10,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use crate::stack::RequestBody;
+use futures_util::future::{ready, Either, Ready};
 use http::header::HeaderValue;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 
 use crate::decision::{DecisionSlot, Reason};
 use crate::error::{Fault, GatewayError};
@@ -19,8 +20,9 @@ use crate::metrics::{Metrics, DECISIONS};
 use crate::proxy::{headers, Body};
 use crate::stack::context::RequestContext;
 
-/// Where the connection came from; put into every request by the server.
-#[derive(Debug, Clone)]
+/// Where the connection came from and what its requests share; made once per connection and
+/// shared by its requests (one reference count per request, not one per field).
+#[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The peer's IP address as a header value (`X-Forwarded-For`), formatted once per
@@ -31,9 +33,9 @@ pub struct ConnInfo {
     /// What the framing observer saw of each HTTP/1 request head on this connection.
     pub framing: crate::server::framing::FramingVerdicts,
     /// The connection's last token and its cache key.
-    pub key_memo: Arc<crate::cache::memo::KeyMemo>,
+    pub key_memo: crate::cache::memo::KeyMemo,
     /// The identity header lines last sent upstream for the connection.
-    pub identity_lines: Arc<crate::proxy::IdentityLines>,
+    pub identity_lines: crate::proxy::IdentityLines,
 }
 
 /// The client address for the access log, formatted lazily.
@@ -95,14 +97,29 @@ impl<S> tower::Layer<S> for EdgeLayer {
         EdgeService {
             metrics: self.metrics.clone(),
             inner,
+            unready: None,
         }
     }
 }
 
-#[derive(Clone)]
 pub struct EdgeService<S> {
     metrics: Arc<Metrics>,
     inner: S,
+    /// Why the inner service could not serve, if it said so when polled; the next call answers
+    /// with it.
+    unready: Option<GatewayError>,
+}
+
+impl<S: Clone> Clone for EdgeService<S> {
+    /// A clone is polled ready on its own before it is called (tower's rule): it starts with
+    /// nothing to answer.
+    fn clone(&self) -> Self {
+        EdgeService {
+            metrics: self.metrics.clone(),
+            inner: self.inner.clone(),
+            unready: None,
+        }
+    }
 }
 
 /// Decrements the in-flight gauge even if the request future is dropped (client gone).
@@ -116,124 +133,233 @@ impl Drop for InflightGuard {
 
 impl<S> tower::Service<Request<RequestBody>> for EdgeService<S>
 where
-    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = GatewayError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: tower::Service<Request<RequestBody>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Unpin,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    /// A future of its own, not a boxed one: the inner service's future and what the answer is
+    /// finished with, kept where the server keeps this future (for the gateway's own HTTP/1.1
+    /// path, in the connection's task) — no allocation, and the request is not copied into one.
+    type Future = EdgeFuture<S::Future>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The inner services are always ready; readiness is checked per call below.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // An inner service that cannot serve is answered for, as any other error is, in `call`.
+        self.inner.poll_ready(cx).map(|ready| {
+            self.unready = ready.err();
+            Ok(())
+        })
     }
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
-        let metrics = self.metrics.clone();
-        let mut inner = self.inner.clone();
-        Box::pin(async move {
-            let started = Instant::now();
-            metrics.inflight_requests.inc();
-            let _inflight = InflightGuard(metrics.clone());
+        let started = Instant::now();
+        self.metrics.inflight_requests.inc();
+        let inflight = InflightGuard(self.metrics.clone());
 
-            let request_id = headers::first(request.headers(), &headers::X_REQUEST_ID)
-                .filter(|value| headers::acceptable_request_id(value))
-                .cloned()
-                .unwrap_or_else(new_request_id);
-            let slot = DecisionSlot::default();
-            let method = request.method().clone();
-            let wants_html = prefers_html(request.headers());
-            // The id is chosen here so that even a refused request's answer carries one.
-            let mut peer = None;
-            if let Ok(context) = RequestContext::of_mut(&mut request) {
-                peer = context.conn.as_ref().map(|conn| conn.peer);
-                context.request_id = Some(request_id.clone());
-                context.slot = Some(slot.clone());
+        let request_id = headers::first(request.headers(), &headers::X_REQUEST_ID)
+            .filter(|value| headers::acceptable_request_id(value))
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        let slot = DecisionSlot::default();
+        let method = request.method().clone();
+        let wants_html = prefers_html(request.headers());
+        // The id is chosen here so that even a refused request's answer carries one.
+        let mut peer = None;
+        if let Ok(context) = RequestContext::of_mut(&mut request) {
+            peer = context.conn.as_ref().map(|conn| conn.peer);
+            context.request_id = Some(request_id.clone());
+            context.slot = Some(slot.clone());
+        }
+        let inner = match self.unready.take() {
+            None => Either::Left(self.inner.call(request)),
+            Some(err) => Either::Right(ready(Err(err))),
+        };
+        EdgeFuture {
+            inner,
+            finish: Some(Finish {
+                inflight,
+                started,
+                request_id,
+                slot,
+                method,
+                wants_html,
+                peer,
+            }),
+        }
+    }
+}
+
+/// The answer to one request: the inner service's, or the error it ended in turned into one;
+/// counted and logged when it is ready.
+pub struct EdgeFuture<F> {
+    inner: Either<F, Ready<Result<Response<Body>, GatewayError>>>,
+    /// Taken when the answer is ready.
+    finish: Option<Finish>,
+}
+
+impl<F> Future for EdgeFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, GatewayError>> + Unpin,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        let finish = self
+            .finish
+            .take()
+            .expect("an EdgeFuture is not polled after it is ready");
+        Poll::Ready(Ok(finish.answer(result)))
+    }
+}
+
+/// What the edge knows of a request while its answer is awaited. Dropped unanswered (the
+/// client went away), it still takes the request off the in-flight gauge.
+struct Finish {
+    inflight: InflightGuard,
+    started: Instant,
+    request_id: HeaderValue,
+    slot: DecisionSlot,
+    method: Method,
+    wants_html: bool,
+    peer: Option<SocketAddr>,
+}
+
+impl Finish {
+    /// The answer to give for `result`, with the request id on it; counts the decision and
+    /// writes the access log line.
+    fn answer(self, result: Result<Response<Body>, GatewayError>) -> Response<Body> {
+        let Finish {
+            inflight,
+            started,
+            request_id,
+            slot,
+            method,
+            wants_html,
+            peer,
+        } = self;
+        let metrics = &inflight.0;
+        let request_id_text = request_id.to_str().unwrap_or_default();
+        let (mut response, error) = match result {
+            Ok(response) => (response, None),
+            Err(err) => {
+                let text = match std::error::Error::source(&err) {
+                    Some(source) => format!("{err}: {source}"),
+                    None => err.to_string(),
+                };
+                let fault = err.fault();
+                let reason = err.reason();
+                (
+                    err.into_response(request_id_text, wants_html),
+                    Some((text, fault, reason)),
+                )
             }
+        };
+        response
+            .headers_mut()
+            .insert(headers::X_REQUEST_ID, request_id.clone());
 
-            let result = match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
-                Ok(()) => inner.call(request).await,
-                Err(err) => Err(err),
-            };
-
-            let request_id_text = request_id.to_str().unwrap_or_default();
-            let (mut response, error) = match result {
-                Ok(response) => (response, None),
-                Err(err) => {
-                    let text = match std::error::Error::source(&err) {
-                        Some(source) => format!("{err}: {source}"),
-                        None => err.to_string(),
-                    };
-                    let fault = err.fault();
-                    let reason = err.reason();
-                    (
-                        err.into_response(request_id_text, wants_html),
-                        Some((text, fault, reason)),
-                    )
-                }
-            };
-            response
-                .headers_mut()
-                .insert(headers::X_REQUEST_ID, request_id.clone());
-
-            let decision = slot.get();
-            // (allow, reason) of what is counted: the auth layer's decision, else the refusal.
-            let counted: Option<(bool, Reason)> = match (decision, &error) {
-                (Some(decision), _) => Some((decision.allow, decision.reason)),
-                (None, Some((_, _, Some(reason)))) => Some((false, *reason)),
-                _ => None,
-            };
-            let elapsed = started.elapsed();
-            if let Some((allow, reason)) = counted {
-                let d = usize::from(!allow);
-                metrics.decision_counters[d][reason.index()].inc();
-                if let Some(route) = decision.and_then(|d| d.route.as_deref()) {
-                    metrics
-                        .route_decisions
-                        .with_label_values(&[route, DECISIONS[d], reason.label()])
-                        .inc();
-                }
-                metrics.request_duration_by_decision[d].observe(elapsed.as_secs_f64());
+        let decision = slot.get();
+        // (allow, reason) of what is counted: the auth layer's decision, else the refusal.
+        let counted: Option<(bool, Reason)> = match (decision, &error) {
+            (Some(decision), _) => Some((decision.allow, decision.reason)),
+            (None, Some((_, _, Some(reason)))) => Some((false, *reason)),
+            _ => None,
+        };
+        let elapsed = started.elapsed();
+        if let Some((allow, reason)) = counted {
+            let d = usize::from(!allow);
+            metrics.decision_counters[d][reason.index()].inc();
+            if let Some(route) = decision.and_then(|d| d.route.as_deref()) {
+                metrics
+                    .route_decisions
+                    .with_label_values(&[route, DECISIONS[d], reason.label()])
+                    .inc();
             }
-            let decision_label = counted.map(|(allow, _)| DECISIONS[usize::from(!allow)]);
-            let reason_label = counted.map(|(_, reason)| reason.label());
+            metrics.request_duration_by_decision[d].observe(elapsed.as_secs_f64());
+        }
+        let decision_label = counted.map(|(allow, _)| DECISIONS[usize::from(!allow)]);
+        let reason_label = counted.map(|(_, reason)| reason.label());
 
-            let path = slot.path().unwrap_or("-");
-            let user_id = UserIdOf(decision);
-            let rule = decision.and_then(|d| d.rule.as_deref()).unwrap_or("-");
-            let rule_reason = decision
-                .and_then(|d| d.rule_reason.as_deref())
-                .unwrap_or("-");
-            let status = response.status().as_u16();
-            let latency_ms = elapsed.as_secs_f64() * 1000.0;
-            // Formatted by tracing only if the event is enabled.
-            let peer = PeerIp(peer);
-            let decision_label = decision_label.unwrap_or("-");
-            let reason_label = reason_label.unwrap_or("-");
-            match &error {
-                Some((cause, Fault::Iam | Fault::Upstream | Fault::Internal, _)) => {
-                    tracing::error!(
-                        target: "mfa_gate::access",
-                        request_id = request_id_text, method = %method, path, status,
-                        decision = decision_label, reason = reason_label, user_id = %user_id, rule,
-                        rule_reason, client = %peer, latency_ms, error = %cause,
-                        "request"
-                    );
-                }
-                _ => {
-                    tracing::info!(
-                        target: "mfa_gate::access",
-                        request_id = request_id_text, method = %method, path, status,
-                        decision = decision_label, reason = reason_label, user_id = %user_id, rule,
-                        rule_reason, client = %peer, latency_ms,
-                        "request"
-                    );
-                }
+        let path = slot.path().unwrap_or("-");
+        let user_id = UserIdOf(decision);
+        let rule = decision.and_then(|d| d.rule.as_deref()).unwrap_or("-");
+        let rule_reason = decision
+            .and_then(|d| d.rule_reason.as_deref())
+            .unwrap_or("-");
+        let status = response.status().as_u16();
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        // Formatted by tracing only if the event is enabled.
+        let peer = PeerIp(peer);
+        let decision_label = decision_label.unwrap_or("-");
+        let reason_label = reason_label.unwrap_or("-");
+        match &error {
+            Some((cause, Fault::Iam | Fault::Upstream | Fault::Internal, _)) => {
+                tracing::error!(
+                    target: "mfa_gate::access",
+                    request_id = request_id_text, method = %method, path, status,
+                    decision = decision_label, reason = reason_label, user_id = %user_id, rule,
+                    rule_reason, client = %peer, latency_ms, error = %cause,
+                    "request"
+                );
             }
-            Ok(response)
-        })
+            _ => {
+                tracing::info!(
+                    target: "mfa_gate::access",
+                    request_id = request_id_text, method = %method, path, status,
+                    decision = decision_label, reason = reason_label, user_id = %user_id, rule,
+                    rule_reason, client = %peer, latency_ms,
+                    "request"
+                );
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    /// A service that says, when polled, that it cannot serve.
+    #[derive(Clone)]
+    struct Unready;
+
+    impl tower::Service<Request<RequestBody>> for Unready {
+        type Response = Response<Body>;
+        type Error = GatewayError;
+        type Future = Ready<Result<Response<Body>, GatewayError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+            Poll::Ready(Err(GatewayError::Internal("the test service is not ready")))
+        }
+
+        fn call(&mut self, _: Request<RequestBody>) -> Self::Future {
+            panic!("called though it said it could not serve");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inner_service_that_cannot_serve_is_answered_for_and_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let edge = EdgeLayer::new(metrics.clone()).layer(Unready);
+        let request = Request::builder()
+            .uri("/app")
+            .header("x-request-id", "req-unready-1")
+            .body(RequestBody::Empty)
+            .unwrap();
+
+        let Ok(response) = edge.oneshot(request).await;
+
+        assert_eq!(response.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["x-request-id"], "req-unready-1");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error_code"], "MFAGATE.INTERNAL", "{body}");
+        assert_eq!(body["request_id"], "req-unready-1", "{body}");
+        assert_eq!(metrics.inflight_requests.get(), 0);
     }
 }

@@ -188,13 +188,9 @@ fn admit(request: &mut Request<RequestBody>, max_header_bytes: usize) -> Result<
     })?;
     context.info = Some(RequestInfo {
         request_id,
-        peer: conn.peer,
-        peer_ip: conn.peer_ip,
-        proto: conn.proto,
+        conn,
         path,
         token,
-        key_memo: conn.key_memo,
-        identity_lines: conn.identity_lines,
     });
     Ok(())
 }
