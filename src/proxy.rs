@@ -8,6 +8,7 @@
 pub mod body;
 pub mod h1;
 pub mod headers;
+pub mod lower;
 pub mod path;
 pub mod pool;
 

@@ -13,6 +13,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH};
 use http::{Method, StatusCode, Version};
 
+use crate::proxy::lower::is_lower;
+
 /// The most header bytes an upstream answer may carry (nginx's `proxy_buffer_size` is 4–8 KiB
 /// by default; hyper's client allowed about 400 KiB).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -200,17 +202,16 @@ enum Hop {
 /// proxies), and which. Dispatched on the length first: every
 /// answer header passes through here, and most are end-to-end.
 fn hop_by_hop(name: &[u8]) -> Option<Hop> {
-    let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
     match name.len() {
-        2 if is(b"te") => Some(Hop::Other),
-        7 if is(b"trailer") => Some(Hop::Other),
-        7 if is(b"upgrade") => Some(Hop::Upgrade),
-        10 if is(b"connection") => Some(Hop::Connection),
-        10 if is(b"keep-alive") => Some(Hop::Other),
-        16 if is(b"proxy-connection") => Some(Hop::Other),
-        17 if is(b"transfer-encoding") => Some(Hop::TransferEncoding),
-        18 if is(b"proxy-authenticate") => Some(Hop::Other),
-        19 if is(b"proxy-authorization") => Some(Hop::Other),
+        2 if is_lower!(name, b"te") => Some(Hop::Other),
+        7 if is_lower!(name, b"trailer") => Some(Hop::Other),
+        7 if is_lower!(name, b"upgrade") => Some(Hop::Upgrade),
+        10 if is_lower!(name, b"connection") => Some(Hop::Connection),
+        10 if is_lower!(name, b"keep-alive") => Some(Hop::Other),
+        16 if is_lower!(name, b"proxy-connection") => Some(Hop::Other),
+        17 if is_lower!(name, b"transfer-encoding") => Some(Hop::TransferEncoding),
+        18 if is_lower!(name, b"proxy-authenticate") => Some(Hop::Other),
+        19 if is_lower!(name, b"proxy-authorization") => Some(Hop::Other),
         _ => None,
     }
 }
@@ -288,9 +289,9 @@ pub fn parse_response_head(
         match hop_by_hop(name) {
             Some(Hop::Connection) => {
                 for token in items(line.value) {
-                    if token.eq_ignore_ascii_case(b"close") {
+                    if is_lower!(token, b"close") {
                         close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    } else if !is_lower!(token, b"keep-alive") {
                         connection_names = true;
                     }
                 }
@@ -302,7 +303,7 @@ pub fn parse_response_head(
             }
             Some(Hop::Upgrade) if keep_upgrade => {}
             Some(Hop::Upgrade | Hop::Other) => continue,
-            None if name.eq_ignore_ascii_case(b"content-length") => {
+            None if is_lower!(name, b"content-length") => {
                 // A list of identical values (`5, 5`) is one length (RFC 9112 §6.3 item 5).
                 for item in line.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     let parsed = content_length_value(item)?;
@@ -398,10 +399,10 @@ fn relay_lines(head: &[u8], kept: &[(u32, u32, u32, u32)]) -> RelayedHeaders {
         let set_by_gateway = SET_BY_GATEWAY
             .iter()
             .any(|set| name.eq_ignore_ascii_case(set.as_str().as_bytes()));
-        if set_by_gateway || name.eq_ignore_ascii_case(b"content-length") {
+        if set_by_gateway || is_lower!(name, b"content-length") {
             continue;
         }
-        dated |= name.eq_ignore_ascii_case(b"date");
+        dated |= is_lower!(name, b"date");
         let as_written = &head[name_end..value_at] == b": "
             && head.get(value_end..value_end + 2) == Some(b"\r\n");
         if as_written && run.end == name_at {
@@ -441,33 +442,32 @@ pub fn header_name(name: &[u8]) -> Option<HeaderName> {
         CONTENT_ENCODING, CONTENT_TYPE, COOKIE, DATE, ETAG, EXPIRES, HOST, LAST_MODIFIED, LOCATION,
         ORIGIN, REFERER, SERVER, SET_COOKIE, USER_AGENT, VARY,
     };
-    let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
     let common = match name.len() {
-        4 if is(b"host") => HOST,
-        4 if is(b"date") => DATE,
-        4 if is(b"etag") => ETAG,
-        4 if is(b"vary") => VARY,
-        6 if is(b"accept") => ACCEPT,
-        6 if is(b"server") => SERVER,
-        6 if is(b"cookie") => COOKIE,
-        6 if is(b"origin") => ORIGIN,
-        7 if is(b"expires") => EXPIRES,
-        7 if is(b"referer") => REFERER,
-        8 if is(b"location") => LOCATION,
-        10 if is(b"user-agent") => USER_AGENT,
-        10 if is(b"set-cookie") => SET_COOKIE,
-        12 if is(b"content-type") => CONTENT_TYPE,
-        12 if is(b"x-auth-token") => crate::auth::token::X_AUTH_TOKEN,
-        12 if is(b"x-request-id") => crate::proxy::headers::X_REQUEST_ID,
-        13 if is(b"authorization") => AUTHORIZATION,
-        13 if is(b"cache-control") => CACHE_CONTROL,
-        13 if is(b"last-modified") => LAST_MODIFIED,
-        13 if is(b"accept-ranges") => ACCEPT_RANGES,
-        14 if is(b"content-length") => CONTENT_LENGTH,
-        15 if is(b"accept-encoding") => ACCEPT_ENCODING,
-        15 if is(b"accept-language") => ACCEPT_LANGUAGE,
-        15 if is(b"x-forwarded-for") => crate::proxy::headers::X_FORWARDED_FOR,
-        16 if is(b"content-encoding") => CONTENT_ENCODING,
+        4 if is_lower!(name, b"host") => HOST,
+        4 if is_lower!(name, b"date") => DATE,
+        4 if is_lower!(name, b"etag") => ETAG,
+        4 if is_lower!(name, b"vary") => VARY,
+        6 if is_lower!(name, b"accept") => ACCEPT,
+        6 if is_lower!(name, b"server") => SERVER,
+        6 if is_lower!(name, b"cookie") => COOKIE,
+        6 if is_lower!(name, b"origin") => ORIGIN,
+        7 if is_lower!(name, b"expires") => EXPIRES,
+        7 if is_lower!(name, b"referer") => REFERER,
+        8 if is_lower!(name, b"location") => LOCATION,
+        10 if is_lower!(name, b"user-agent") => USER_AGENT,
+        10 if is_lower!(name, b"set-cookie") => SET_COOKIE,
+        12 if is_lower!(name, b"content-type") => CONTENT_TYPE,
+        12 if is_lower!(name, b"x-auth-token") => crate::auth::token::X_AUTH_TOKEN,
+        12 if is_lower!(name, b"x-request-id") => crate::proxy::headers::X_REQUEST_ID,
+        13 if is_lower!(name, b"authorization") => AUTHORIZATION,
+        13 if is_lower!(name, b"cache-control") => CACHE_CONTROL,
+        13 if is_lower!(name, b"last-modified") => LAST_MODIFIED,
+        13 if is_lower!(name, b"accept-ranges") => ACCEPT_RANGES,
+        14 if is_lower!(name, b"content-length") => CONTENT_LENGTH,
+        15 if is_lower!(name, b"accept-encoding") => ACCEPT_ENCODING,
+        15 if is_lower!(name, b"accept-language") => ACCEPT_LANGUAGE,
+        15 if is_lower!(name, b"x-forwarded-for") => crate::proxy::headers::X_FORWARDED_FOR,
+        16 if is_lower!(name, b"content-encoding") => CONTENT_ENCODING,
         _ => return HeaderName::from_bytes(name).ok(),
     };
     Some(common)

@@ -44,6 +44,7 @@ use tokio::sync::watch;
 use crate::proxy::h1::{
     chunk_size_line, header, header_name, RelayedHeaders, LAST_CHUNK, SET_BY_GATEWAY,
 };
+use crate::proxy::lower::is_lower;
 use crate::stack::RequestBody;
 
 /// An answer body; a forwarded answer's brings the upstream's header lines for this writer
@@ -321,15 +322,14 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
 
 /// Whether a request header line leaves the request to this path.
 fn ours(name: &[u8], value: &[u8]) -> bool {
-    let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
     match name.len() {
-        2 => !is(b"te"),
-        6 => !is(b"expect"),
-        7 => !is(b"upgrade"),
-        10 if is(b"connection") => value.eq_ignore_ascii_case(b"keep-alive"),
-        14 if is(b"content-length") => value == b"0",
-        14 => !is(b"http2-settings"),
-        17 => !is(b"transfer-encoding"),
+        2 => !is_lower!(name, b"te"),
+        6 => !is_lower!(name, b"expect"),
+        7 => !is_lower!(name, b"upgrade"),
+        10 if is_lower!(name, b"connection") => is_lower!(value, b"keep-alive"),
+        14 if is_lower!(name, b"content-length") => value == b"0",
+        14 => !is_lower!(name, b"http2-settings"),
+        17 => !is_lower!(name, b"transfer-encoding"),
         _ => true,
     }
 }
