@@ -362,4 +362,19 @@ mod tests {
         assert_eq!(body["request_id"], "req-unready-1", "{body}");
         assert_eq!(metrics.inflight_requests.get(), 0);
     }
+
+    #[test]
+    fn fresh_request_ids_are_distinct_v4_uuids() {
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| new_request_id().to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+            assert_eq!(id.len(), 36, "{id}");
+            assert_eq!(*id, id.to_lowercase(), "{id}");
+        }
+    }
 }
