@@ -11,8 +11,10 @@
 # worker; the upstream (nginx, `return 200 "ok"`), the IAM (`mfa-gate dev`'s simulator, for the
 # one verification of the warm token) and `wrk -t1 -c64` run on CPU 1. Instrumentation is on
 # only while wrk runs; the total is divided by the requests the upstream counted
-# (`stub_status`). Prints instructions per request and the top functions (self cost), and
-# leaves the callgrind file in $BENCH_OUT/profile/ for callgrind_annotate --inclusive=yes.
+# (`stub_status`). Prints instructions per request, the atomic read-modify-writes among them
+# (bench/atomics.py: the instructions that cost ~20 cycles, not one) and the top functions
+# (self cost), and leaves the callgrind file in $BENCH_OUT/profile/ for
+# callgrind_annotate --inclusive=yes (and `python3 bench/atomics.py FILE BINARY N --sources`).
 # For line-level attribution build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only.
 # Loopback only; every server is stopped by pid at the end.
 set -euo pipefail
@@ -28,14 +30,14 @@ while [ $# -gt 0 ]; do
         --binary) shift; binary="${1:?--binary needs a path}" ;;
         --seconds) shift; seconds="${1:?--seconds needs a value}" ;;
         --top) shift; top="${1:?--top needs a value}" ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/profile.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
     esac
     shift
 done
 
-for tool in valgrind callgrind_control callgrind_annotate wrk nginx taskset curl; do
-    command -v "$tool" >/dev/null || { echo "bench/profile.sh: needs $tool (Debian: valgrind, wrk, nginx-light, util-linux, curl)" >&2; exit 69; }
+for tool in valgrind callgrind_control callgrind_annotate wrk nginx taskset curl python3 objdump; do
+    command -v "$tool" >/dev/null || { echo "bench/profile.sh: needs $tool (Debian: valgrind, wrk, nginx-light, util-linux, curl, python3, binutils)" >&2; exit 69; }
 done
 [ -x "$binary" ] || { echo "bench/profile.sh: no mfa-gate binary at $binary (build it: CARGO_TARGET_DIR=$TARGET_DIR cargo build --release)" >&2; exit 69; }
 
@@ -87,7 +89,7 @@ require = "mfa_device"
 [cache]
 ttl = "1h"
 EOF
-    TOKIO_WORKER_THREADS=1 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no \
+    TOKIO_WORKER_THREADS=1 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --dump-instr=yes \
         --callgrind-out-file="$OUT/callgrind.%p" "$binary" --log-level warn run \
         --config "$OUT/gateway.toml" > "$OUT/valgrind.log" 2>&1 & pids+=($!)
 }
@@ -117,8 +119,9 @@ done
 echo "proxy: mfa-gate ($binary)"
 echo "requests through the proxy: $requests in ${seconds} s under callgrind"
 echo "instructions per request: $((total / requests))"
-echo
 biggest=$(ls -S "$OUT"/callgrind.* | head -1)
+python3 "$HERE/atomics.py" "$biggest" "$binary" "$requests" --top 8
+echo
 callgrind_annotate "$biggest" 2>/dev/null | awk -v top="$top" '/file:function/ {on=1; next} on && NF && n < top {print; n++}' | cut -c1-160
 echo
 echo "callgrind files: $OUT (callgrind_annotate --inclusive=yes $biggest)"
