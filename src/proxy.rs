@@ -395,13 +395,19 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: pool::Upgraded) {
 /// The innermost service: forwards a request that the auth layer allowed.
 #[derive(Clone)]
 pub struct ProxyService {
-    /// Replaced as a whole when a config reload changes `[upstream]` or `[token]`.
-    upstream: Arc<ArcSwap<Upstream>>,
+    /// Replaced as a whole when a config reload changes `[upstream]` or `[token]`. Read
+    /// through a cache: a request whose upstream has not changed since this service's last
+    /// one checks that with one plain load, not the three atomic read-modify-writes of
+    /// `ArcSwap::load_full` (the server keeps one service per connection; an idle connection
+    /// keeps the upstream it last used alive until its next request or its end).
+    upstream: arc_swap::Cache<Arc<ArcSwap<Upstream>>, Arc<Upstream>>,
 }
 
 impl ProxyService {
     pub fn new(upstream: Arc<ArcSwap<Upstream>>) -> Self {
-        ProxyService { upstream }
+        ProxyService {
+            upstream: arc_swap::Cache::new(upstream),
+        }
     }
 }
 
@@ -415,7 +421,7 @@ impl tower::Service<Request<RequestBody>> for ProxyService {
     }
 
     fn call(&mut self, request: Request<RequestBody>) -> Self::Future {
-        let upstream = self.upstream.load_full();
+        let upstream = Arc::clone(self.upstream.load());
         // Prepared before the future is made: the client's request is not part of it.
         let prepared = prepare(&upstream, request);
         Box::pin(async move { upstream.forward(prepared?).await })

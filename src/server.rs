@@ -141,26 +141,31 @@ pub async fn serve(
         });
         let activity = Arc::new(Activity::new());
         let deadline = HeadDeadline::new(settings.header_read_timeout, Arc::clone(&activity));
-        let svc = service.clone();
-        // Every request of the connection, whichever server read it; `own_writer`: the
-        // gateway's own HTTP/1.1 path writes the answer.
-        let answer = move |mut request: hyper::Request<RequestBody>, own_writer: bool| {
-            request
-                .extensions_mut()
-                .insert(RequestContext::new(Arc::clone(&conn_info), own_writer));
-            activity.request_started();
+        // Every request of the connection, whichever server read it, starts here;
+        // `own_writer`: the gateway's own HTTP/1.1 path writes the answer. Gives back what
+        // the answer reports its end to.
+        let start = {
             let activity = Arc::clone(&activity);
-            let answer = svc.clone().oneshot(request);
-            async move {
-                let Ok(response) = answer.await;
-                activity.answered(response)
+            move |request: &mut hyper::Request<RequestBody>, own_writer: bool| {
+                request
+                    .extensions_mut()
+                    .insert(RequestContext::new(Arc::clone(&conn_info), own_writer));
+                activity.request_started();
+                Arc::clone(&activity)
             }
         };
-        let hyper_answer = answer.clone();
+        let hyper_start = start.clone();
+        let hyper_stack = service.clone();
         let hyper_service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let answer = hyper_answer(request.map(RequestBody::Hyper), false);
-            async move { Ok::<_, Infallible>(answer.await) }
+            let mut request = request.map(RequestBody::Hyper);
+            let activity = hyper_start(&mut request, false);
+            let answer = hyper_stack.clone().oneshot(request);
+            async move {
+                let Ok(response) = answer.await;
+                Ok::<_, Infallible>(activity.answered(response))
+            }
         });
+        let mut own_stack = service.clone();
         let builder = builder.clone();
         // Held by the connection's task from the start: the drain waits for it whichever
         // server is serving the connection.
@@ -199,7 +204,14 @@ pub async fn serve(
                 // The common request is served by the gateway's own HTTP/1.1 path; hyper takes
                 // the connection over at the first one that is not.
                 let stream = Observed::behind_own_path(stream, observer, deadline);
-                let own_answer = move |request| answer(request, true);
+                let own_answer = move |mut request| {
+                    let activity = start(&mut request, true);
+                    let answer = call_now(&mut own_stack, request);
+                    async move {
+                        let Ok(response) = answer.await;
+                        activity.answered(response)
+                    }
+                };
                 match own_h1::serve(stream, own_answer, max_head, shutdown).await {
                     own_h1::Outcome::Closed => return drop(watcher),
                     own_h1::Outcome::HandOver { read, mut io } => {
@@ -224,6 +236,26 @@ pub async fn serve(
         _ = tokio::time::sleep(settings.shutdown_grace) => {
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
+    }
+}
+
+/// The stack's answer to `request`, from the connection's own `stack` when that is ready at
+/// once — the gateway's layers are: what they wait for is in the futures they return — so that
+/// a request does not clone the stack (a reference count touched per layer, twice); from a
+/// clone driven ready first (tower's `oneshot`) when it is not.
+fn call_now(
+    stack: &mut GatewayService,
+    request: hyper::Request<RequestBody>,
+) -> Either<
+    <GatewayService as tower::Service<hyper::Request<RequestBody>>>::Future,
+    tower::util::Oneshot<GatewayService, hyper::Request<RequestBody>>,
+> {
+    use tower::Service;
+    // Polled with a waker that does nothing: a `Pending` here is not waited on, the clone is.
+    match stack.poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(Ok(())) => Either::Left(stack.call(request)),
+        std::task::Poll::Ready(Err(never)) => match never {},
+        std::task::Poll::Pending => Either::Right(stack.clone().oneshot(request)),
     }
 }
 

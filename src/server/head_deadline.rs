@@ -70,13 +70,13 @@ impl Activity {
     }
 
     /// The gateway answered: the answer's body counts its end through `done`.
-    pub fn answered<B>(self: &Arc<Self>, response: http::Response<B>) -> http::Response<Answer<B>> {
+    pub fn answered<B>(self: Arc<Self>, response: http::Response<B>) -> http::Response<Answer<B>> {
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             self.upgraded.store(true, Ordering::Relaxed);
         }
         response.map(|body| Answer {
             body,
-            _done: AnswerDone(Arc::clone(self)),
+            _done: AnswerDone(self),
         })
     }
 
@@ -254,7 +254,7 @@ mod tests {
         for _ in 0..3 {
             assert!(!cut_off(&mut deadline, true, 10).await);
         }
-        let answer = activity.answered(response(200));
+        let answer = Arc::clone(&activity).answered(response(200));
         assert!(!cut_off(&mut deadline, true, 5).await);
         // Done at 35 s: the connection may wait until 45 s.
         drop(answer);
@@ -267,7 +267,7 @@ mod tests {
         let activity = Arc::new(Activity::new());
         let mut deadline = HeadDeadline::new(seconds(1), Arc::clone(&activity));
         activity.request_started();
-        drop(activity.answered(response(101)));
+        drop(Arc::clone(&activity).answered(response(101)));
         assert!(deadline.is_tunnel());
         for _ in 0..3 {
             assert!(!cut_off(&mut deadline, true, 5).await);

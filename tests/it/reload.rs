@@ -207,3 +207,53 @@ async fn a_rotated_admin_token_file_takes_effect_without_a_restart() {
         StatusCode::OK
     );
 }
+
+/// The proxy keeps one service per client connection, with the upstream it last used cached:
+/// a reload that moves `[upstream]` must still reach the next request on a connection that
+/// stayed open across it.
+#[tokio::test]
+async fn a_new_upstream_reaches_the_next_request_of_a_connection_kept_open() {
+    let h = Harness::start().await;
+    let moved_to = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let token = h.token("alice");
+    let mut status = || {
+        let request = http::Request::get("/where")
+            .header("host", "localhost")
+            .header("x-auth-token", &token)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let answer = sender.send_request(request);
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .expect("request timed out")
+                .expect("request failed on the kept-open connection")
+                .status()
+        }
+    };
+    assert_eq!(status().await, StatusCode::OK);
+    assert_eq!(h.upstream.request_count(), 1);
+
+    let text = config_text(&h.sim.url(), &moved_to.url(), "");
+    let config =
+        mfa_gate::config::Config::from_toml(&text, std::path::Path::new("t.toml")).unwrap();
+    h.gateway.reload(config).await.unwrap();
+
+    assert_eq!(status().await, StatusCode::OK);
+    assert_eq!(
+        moved_to.request_count(),
+        1,
+        "the new upstream got the request"
+    );
+    assert_eq!(
+        h.upstream.request_count(),
+        1,
+        "the old one got nothing more"
+    );
+}
