@@ -160,6 +160,9 @@ where
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut out = Vec::with_capacity(1024);
     // Registered once for the connection's life (a wait per request cost ~500 instructions).
+    // A drain that began before this connection was accepted is not a change `shutdown`
+    // reports: it is read once here.
+    let draining_before = *shutdown.borrow();
     let mut drain_watch = shutdown.clone();
     let drain = crate::server::stopped(&mut drain_watch);
     tokio::pin!(drain);
@@ -179,11 +182,15 @@ where
                 buf.reserve(READ_BUF);
             }
             let read = if buf.is_empty() {
-                // Idle between requests: a drain closes the connection here.
+                // Idle between requests: a drain closes the connection here. The read is
+                // tried first, so that the drain's wait (a mutex inside tokio's `Notify`) is
+                // polled only when there is nothing to read yet, not again when the next
+                // request has arrived (a request sent before the drain is still answered,
+                // with `Connection: close`).
                 tokio::select! {
                     biased;
-                    _ = &mut drain => return Outcome::Closed,
                     read = io.read_buf(&mut buf) => read,
+                    _ = &mut drain => return Outcome::Closed,
                 }
             } else {
                 io.read_buf(&mut buf).await
@@ -217,7 +224,9 @@ where
                 },
             }
         };
-        let closing = *shutdown.borrow();
+        // The only value ever sent is `true`: a change is a drain. (`has_changed` is one
+        // load; `borrow` takes the channel's read lock, two atomic read-modify-writes.)
+        let closing = draining_before || matches!(shutdown.has_changed(), Ok(true));
         let keep = write_response(&mut io, &mut out, response, closing).await;
         if !keep || closing {
             let _ = io.shutdown().await;
@@ -848,6 +857,96 @@ mod tests {
         let (head, _, keep) = head_of(200, &[("date", "d")], &empty, true);
         assert!(head.contains("connection: close\r\n"), "{head}");
         assert!(!keep);
+    }
+
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nhost: h\r\n\r\n";
+
+    /// Reads from `client` until an answer head and its 2-byte body (`ok`) have arrived.
+    async fn answer_of(client: &mut tokio::io::DuplexStream) -> String {
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !seen.ends_with(b"\r\n\r\nok") {
+            let n =
+                tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut chunk))
+                    .await
+                    .expect("no answer within 5 s")
+                    .unwrap();
+            assert!(
+                n > 0,
+                "closed before the answer: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8(seen).unwrap()
+    }
+
+    fn ok() -> Response<crate::proxy::Body> {
+        Response::new(crate::proxy::Body::new(Full::new(Bytes::from_static(
+            b"ok",
+        ))))
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_an_idle_connection_and_marks_the_answer_it_interrupts() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (stop, shutdown) = watch::channel(false);
+        let stop = std::sync::Arc::new(stop);
+        let stop_in_answer = std::sync::Arc::clone(&stop);
+        let answers = std::sync::atomic::AtomicUsize::new(0);
+        let answer = move |_request| {
+            // The second request's answer is written after the drain began.
+            if answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+                stop_in_answer.send(true).unwrap();
+            }
+            std::future::ready(ok())
+        };
+        let serving = tokio::spawn(serve(server, answer, 16 * 1024, shutdown));
+
+        client.write_all(GET).await.unwrap();
+        let first = answer_of(&mut client).await;
+        assert!(!first.contains("connection: close"), "{first}");
+        client.write_all(GET).await.unwrap();
+        let second = answer_of(&mut client).await;
+        assert!(second.contains("connection: close\r\n"), "{second}");
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect("the connection was not closed")
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Closed));
+
+        // Idle, no request in hand: the drain alone ends it.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(serve(
+            server,
+            |_| std::future::ready(ok()),
+            16 * 1024,
+            shutdown,
+        ));
+        client.write_all(GET).await.unwrap();
+        answer_of(&mut client).await;
+        stop.send(true).unwrap();
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect("an idle connection outlived the drain")
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_connection_accepted_as_the_drain_began_is_answered_with_connection_close() {
+        let (stop, shutdown) = watch::channel(false);
+        stop.send(true).unwrap();
+        // The receiver is cloned after the change, as the accept loop's clone may be.
+        let late = shutdown.clone();
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(GET).await.unwrap();
+        let serving = tokio::spawn(serve(server, |_| std::future::ready(ok()), 16 * 1024, late));
+        let answer = answer_of(&mut client).await;
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(matches!(serving.await.unwrap(), Outcome::Closed));
+        drop(stop);
     }
 
     #[tokio::test]
