@@ -299,7 +299,7 @@ impl Upstream {
         let started = tokio::time::Instant::now();
         let result = self
             .pool
-            .send(outgoing, prepared.body, started + self.timeout)
+            .send(outgoing, prepared.body, started, started + self.timeout)
             .await;
         self.metrics
             .upstream_duration
