@@ -323,7 +323,7 @@ impl<'r> Asking<'r> {
             method: &self.method,
             path: &self.path,
             peer: self.info.peer().ip(),
-            now: std::time::SystemTime::now(),
+            now: crate::policy::JudgedAt::Now,
         }
     }
 

@@ -68,7 +68,7 @@ fn trial(rule: &AllowRule, subject: Subject<'_>, identity: Option<&Identity>) ->
         "request"
     };
     let mut why = Vec::new();
-    if rule.expired_at(subject.now) {
+    if subject.now.lapsed(rule) {
         why.push("expired".to_string());
     }
     if let Some(paths) = &rule.paths {
@@ -183,7 +183,7 @@ pub fn explain(
         method,
         path: &path,
         peer,
-        now,
+        now: policy::JudgedAt::At(now),
     };
     out.rules = policy
         .rules()
