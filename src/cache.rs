@@ -361,7 +361,7 @@ impl TokenCache {
     }
 
     fn count(&self, result: CacheResult) {
-        self.0.metrics.cache_lookups_by_result[result.index()].inc();
+        self.0.metrics.hot.cache_result(result.index());
     }
 
     /// Joins the fetch in flight for `key`, or starts one in its own task.

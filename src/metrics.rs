@@ -3,10 +3,17 @@
 //! Every family is registered at start-up and every known label value is touched once, so that a
 //! dashboard shows `0` rather than "no data" before the first event of a kind.
 
+mod hot;
+
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+pub use hot::HotCounts;
+use hot::{FoldTargets, HistogramOf, HotHistogram};
 
 /// Decision label values.
 pub const DECISIONS: [&str; 2] = ["allow", "deny"];
@@ -61,7 +68,7 @@ pub const UPSTREAM_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "err
 
 /// Buckets for the whole request as the gateway sees it: the cached check path is tens of
 /// microseconds, a cold IAM lookup tens to hundreds of milliseconds, an upstream up to seconds.
-const REQUEST_BUCKETS: &[f64] = &[
+pub(crate) const REQUEST_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 ];
@@ -74,7 +81,7 @@ const IAM_BUCKETS: &[f64] = &[
 
 /// Buckets for the upstream's time to response headers: sub-millisecond on a sidecar's loopback
 /// up to `upstream.timeout` (default 60 s).
-const UPSTREAM_BUCKETS: &[f64] = &[
+pub(crate) const UPSTREAM_BUCKETS: &[f64] = &[
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0, 30.0, 60.0,
 ];
@@ -87,13 +94,12 @@ pub struct Metrics {
     /// When each expiring allow rule lapses (Unix seconds), for "break-glass rule expires
     /// soon / has expired" alerts.
     pub allowlist_rule_expiry: GaugeVec,
-    pub request_duration: HistogramVec,
     pub iam_requests: IntCounterVec,
     pub iam_request_duration: HistogramVec,
     pub cache_lookups: IntCounterVec,
     pub cache_entries: IntGauge,
     pub upstream_responses: IntCounterVec,
-    pub upstream_duration: Histogram,
+    /// Set from [`HotCounts`] when the registry is read.
     pub inflight_requests: IntGauge,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -107,13 +113,15 @@ pub struct Metrics {
     /// Fleet-wide invalidations this gateway published, received, or resynchronised after an
     /// outage of the invalidation channel.
     pub shared_cache_invalidations: IntCounterVec,
+    /// What every request counts (decisions, the request and upstream durations, upstream
+    /// answer classes, cache lookups, requests in flight): per thread, without atomic
+    /// read-modify-writes; folded into the families below when the registry is read.
+    pub hot: Arc<HotCounts>,
     // Label handles resolved once at start-up for the families counted on every request:
-    // `with_label_values` hashes the label values and takes a read lock each time, these are
-    // one atomic add. They are the same children the families export.
+    // `with_label_values` hashes the label values and takes a read lock each time. They are
+    // the same children the families export.
     /// `decisions` by `[decision][reason]`, in the order of [`DECISIONS`] and [`REASONS`].
     pub decision_counters: [[IntCounter; REASONS.len()]; DECISIONS.len()],
-    /// `request_duration` by decision, in the order of [`DECISIONS`].
-    pub request_duration_by_decision: [Histogram; DECISIONS.len()],
     /// `upstream_responses` by class, in the order of [`UPSTREAM_CLASSES`].
     pub upstream_responses_by_class: [IntCounter; UPSTREAM_CLASSES.len()],
     /// `cache_lookups` by result, in the order of [`CACHE_RESULTS`] (counted on every request
@@ -149,15 +157,13 @@ impl Metrics {
             &["rule"],
         )
         .expect("valid metric");
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "mfa_gate_request_duration_seconds",
-                "Time from request head received to response head sent, by decision.",
-            )
-            .buckets(REQUEST_BUCKETS.to_vec()),
-            &["decision"],
-        )
-        .expect("valid metric");
+        let hot = Arc::new(HotCounts::new());
+        let request_duration = HotHistogram::new(
+            Arc::clone(&hot),
+            HistogramOf::RequestDuration,
+            "mfa_gate_request_duration_seconds",
+            "Time from request head received to response head sent, by decision.",
+        );
         let iam_requests = IntCounterVec::new(
             Opts::new(
                 "mfa_gate_iam_requests_total",
@@ -193,14 +199,12 @@ impl Metrics {
             &["class"],
         )
         .expect("valid metric");
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "mfa_gate_upstream_duration_seconds",
-                "Time from forwarding a request to the upstream's response head.",
-            )
-            .buckets(UPSTREAM_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
+        let upstream_duration = HotHistogram::new(
+            Arc::clone(&hot),
+            HistogramOf::UpstreamDuration,
+            "mfa_gate_upstream_duration_seconds",
+            "Time from forwarding a request to the upstream's response head.",
+        );
         let inflight_requests = IntGauge::new(
             "mfa_gate_inflight_requests",
             "Requests being handled right now.",
@@ -261,13 +265,13 @@ impl Metrics {
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(allowlist_matches.clone()),
             Box::new(allowlist_rule_expiry.clone()),
-            Box::new(request_duration.clone()),
+            Box::new(request_duration),
             Box::new(iam_requests.clone()),
             Box::new(iam_request_duration.clone()),
             Box::new(cache_lookups.clone()),
             Box::new(cache_entries.clone()),
             Box::new(upstream_responses.clone()),
-            Box::new(upstream_duration.clone()),
+            Box::new(upstream_duration),
             Box::new(inflight_requests.clone()),
             Box::new(config_reloads.clone()),
             Box::new(build_info.clone()),
@@ -283,7 +287,6 @@ impl Metrics {
         }
 
         for decision in DECISIONS {
-            request_duration.with_label_values(&[decision]);
             for reason in REASONS {
                 decisions.with_label_values(&[decision, reason]);
             }
@@ -326,8 +329,6 @@ impl Metrics {
         let decision_counters = std::array::from_fn(|d| {
             std::array::from_fn(|r| decisions.with_label_values(&[DECISIONS[d], REASONS[r]]))
         });
-        let request_duration_by_decision =
-            std::array::from_fn(|d| request_duration.with_label_values(&[DECISIONS[d]]));
         let cache_lookups_by_result =
             std::array::from_fn(|r| cache_lookups.with_label_values(&[CACHE_RESULTS[r]]));
         let upstream_responses_by_class =
@@ -338,13 +339,11 @@ impl Metrics {
             decisions,
             allowlist_matches,
             allowlist_rule_expiry,
-            request_duration,
             iam_requests,
             iam_request_duration,
             cache_lookups,
             cache_entries,
             upstream_responses,
-            upstream_duration,
             inflight_requests,
             config_reloads,
             build_info,
@@ -354,7 +353,7 @@ impl Metrics {
             shared_cache_up,
             shared_cache_invalidations,
             decision_counters,
-            request_duration_by_decision,
+            hot,
             upstream_responses_by_class,
             cache_lookups_by_result,
         }
@@ -406,6 +405,12 @@ impl Metrics {
 
     /// The registry in Prometheus text exposition format.
     pub fn render(&self) -> String {
+        self.hot.fold_into(FoldTargets {
+            decisions: &self.decision_counters,
+            upstream_classes: &self.upstream_responses_by_class,
+            cache_results: &self.cache_lookups_by_result,
+            inflight: &self.inflight_requests,
+        });
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)

@@ -302,8 +302,8 @@ impl Upstream {
             .send(outgoing, prepared.body, started, started + self.timeout)
             .await;
         self.metrics
-            .upstream_duration
-            .observe(started.elapsed().as_secs_f64());
+            .hot
+            .upstream_duration(started.elapsed().as_secs_f64());
         let (mut response, relayed) = match result {
             Err(pool::SendError::Timeout) => {
                 self.count(CLASS_TIMEOUT);
@@ -330,7 +330,7 @@ impl Upstream {
 
     /// Counts an upstream answer (or its absence) by its class index.
     fn count(&self, class: usize) {
-        self.metrics.upstream_responses_by_class[class].inc();
+        self.metrics.hot.upstream_class(class);
     }
 }
 

@@ -127,7 +127,7 @@ struct InflightGuard(Arc<Metrics>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight_requests.dec();
+        self.0.hot.request_finished();
     }
 }
 
@@ -153,7 +153,7 @@ where
 
     fn call(&mut self, mut request: Request<RequestBody>) -> Self::Future {
         let started = Instant::now();
-        self.metrics.inflight_requests.inc();
+        self.metrics.hot.request_started();
         let inflight = InflightGuard(self.metrics.clone());
 
         let request_id = headers::first(request.headers(), &headers::X_REQUEST_ID)
@@ -269,14 +269,15 @@ impl Finish {
         let elapsed = started.elapsed();
         if let Some((allow, reason)) = counted {
             let d = usize::from(!allow);
-            metrics.decision_counters[d][reason.index()].inc();
+            metrics
+                .hot
+                .decided(d, reason.index(), elapsed.as_secs_f64());
             if let Some(route) = decision.and_then(|d| d.route.as_deref()) {
                 metrics
                     .route_decisions
                     .with_label_values(&[route, DECISIONS[d], reason.label()])
                     .inc();
             }
-            metrics.request_duration_by_decision[d].observe(elapsed.as_secs_f64());
         }
         let decision_label = counted.map(|(allow, _)| DECISIONS[usize::from(!allow)]);
         let reason_label = counted.map(|(_, reason)| reason.label());
@@ -360,7 +361,8 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error_code"], "MFAGATE.INTERNAL", "{body}");
         assert_eq!(body["request_id"], "req-unready-1", "{body}");
-        assert_eq!(metrics.inflight_requests.get(), 0);
+        let text = metrics.render();
+        assert!(text.contains("\nmfa_gate_inflight_requests 0\n"), "{text}");
     }
 
     #[test]
