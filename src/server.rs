@@ -243,14 +243,10 @@ pub async fn serve(
 /// once — the gateway's layers are: what they wait for is in the futures they return — so that
 /// a request does not clone the stack (a reference count touched per layer, twice); from a
 /// clone driven ready first (tower's `oneshot`) when it is not.
-fn call_now(
-    stack: &mut GatewayService,
-    request: hyper::Request<RequestBody>,
-) -> Either<
-    <GatewayService as tower::Service<hyper::Request<RequestBody>>>::Future,
-    tower::util::Oneshot<GatewayService, hyper::Request<RequestBody>>,
-> {
-    use tower::Service;
+fn call_now<S, R>(stack: &mut S, request: R) -> Either<S::Future, tower::util::Oneshot<S, R>>
+where
+    S: tower::Service<R, Error = Infallible> + Clone,
+{
     // Polled with a waker that does nothing: a `Pending` here is not waited on, the clone is.
     match stack.poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
         std::task::Poll::Ready(Ok(())) => Either::Left(stack.call(request)),
@@ -263,4 +259,54 @@ fn call_now(
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`; drop it here rather than across an await.
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Not ready at its first poll (it asks to be polled again), ready after; answers with
+    /// how many polls it took and counts its calls.
+    #[derive(Clone, Default)]
+    struct SlowToStart {
+        polls: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl tower::Service<&'static str> for SlowToStart {
+        type Response = String;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<String, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            if self.polls.fetch_add(1, Ordering::SeqCst) == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: &'static str) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let polls = self.polls.load(Ordering::SeqCst);
+            std::future::ready(Ok(format!("{request} after {polls} polls")))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stack_ready_at_once_is_called_in_place_and_one_that_is_not_through_a_driven_clone() {
+        let mut stack = SlowToStart::default();
+        // Not ready at once: served by a clone that is polled ready with the task's waker.
+        let first = call_now(&mut stack, "first");
+        assert!(matches!(first, Either::Right(_)));
+        assert_eq!(first.await, Ok("first after 2 polls".to_string()));
+        // Ready now: called in place, no clone, no further wait.
+        let second = call_now(&mut stack, "second");
+        assert!(matches!(second, Either::Left(_)));
+        assert_eq!(second.await, Ok("second after 3 polls".to_string()));
+        assert_eq!(stack.calls.load(Ordering::SeqCst), 2);
+    }
 }
