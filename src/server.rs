@@ -178,7 +178,7 @@ pub async fn serve(
         let metrics = settings.metrics.clone();
         let max_head = buf_size(&settings);
         let shutdown = shutdown.clone();
-        workers::spawn_connection(async move {
+        workers::spawn_connection(stream, peer, move |stream| async move {
             let stream = match acceptor {
                 None => Either::Left(stream),
                 Some(acceptor) => {

@@ -2,8 +2,8 @@
 //! with its own I/O driver and timers, the accepted connections dealt to them in turn.
 //!
 //! Measured against tokio's multi-thread scheduler with as many workers (bench/README.md):
-//! a connection, the upstream connections it borrows and the tasks it spawns stay on one
-//! thread, so an answer wakes no other thread (no futex, no work stealing, no cross-core cache
+//! a connection — its socket moved to the worker's own I/O driver — the upstream connections
+//! it borrows and the tasks it spawns stay on one thread, so an answer wakes no other thread (no futex, no work stealing, no cross-core cache
 //! traffic), as nginx's worker processes do. The price is that a busy connection cannot move to
 //! an idle worker; with keep-alive clients spread evenly that does not arise.
 //!
@@ -12,9 +12,11 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
 /// The worker runtimes of this process, once started.
@@ -67,21 +69,40 @@ pub fn start(count: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs a connection's future on the next worker, or on the current runtime when there are
-/// no workers.
-pub fn spawn_connection<F>(connection: F)
+/// Serves an accepted connection on the next worker, or on the current runtime when there are
+/// no workers: `serve` is given the stream on the runtime that runs it.
+///
+/// A tokio socket belongs to the I/O driver of the runtime it was made on, which is the one
+/// that accepted it. Served on a worker as it is, every readiness event of the connection
+/// would wake the accepting thread first, which would then wake the worker: two threads and
+/// an `eventfd` write per request (seen as ~8 context switches of the main thread per 10
+/// requests, bench/README.md). So the socket leaves this driver here and joins the worker's
+/// there.
+pub fn spawn_connection<F, Fut>(stream: TcpStream, peer: SocketAddr, serve: F)
 where
-    F: Future<Output = ()> + Send + 'static,
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    match WORKERS.get() {
-        Some(workers) => {
-            let next = workers.next.fetch_add(1, Ordering::Relaxed) % workers.handles.len();
-            workers.handles[next].spawn(connection);
+    let Some(workers) = WORKERS.get() else {
+        tokio::spawn(serve(stream));
+        return;
+    };
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::debug!(cause = %err, client = %peer, "cannot hand the connection to a worker");
+            return;
         }
-        None => {
-            tokio::spawn(connection);
+    };
+    let next = workers.next.fetch_add(1, Ordering::Relaxed) % workers.handles.len();
+    workers.handles[next].spawn(async move {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => serve(stream).await,
+            Err(err) => {
+                tracing::debug!(cause = %err, client = %peer, "a worker cannot take the connection");
+            }
         }
-    }
+    });
 }
 
 /// How many lanes per-thread state needs: one per worker plus one for every other thread.

@@ -367,6 +367,57 @@ async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connec
     assert_eq!(code, Some(0));
 }
 
+/// Voluntary context switches of one thread of process `pid` (Linux's procfs).
+fn voluntary_switches(pid: u32, tid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_serves_its_connections_without_waking_the_thread_that_accepted_them() {
+    // The accepting thread's I/O driver would otherwise deliver every readiness event of the
+    // connection and wake the worker for it: one wake-up of the main thread per request.
+    let users = iam_sim::demo_users(Duration::from_secs(3600));
+    let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
+    let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), ""));
+    let (process, listen, _) =
+        Process::start_with_env(&config, &[("TOKIO_WORKER_THREADS", "2")]).await;
+    let pid = process.child.id().unwrap();
+
+    let token = users[0].token.clone();
+    let mut client = RawConn::open(listen.parse().unwrap()).await;
+    let request = format!("GET /r HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
+    client.send(request.as_bytes());
+    assert_eq!(
+        client.reply(false, Duration::from_secs(5)).await.status,
+        Some(200)
+    );
+
+    const REQUESTS: u64 = 400;
+    // The main thread's id is the process's.
+    let before = voluntary_switches(pid, pid);
+    for _ in 0..REQUESTS {
+        client.send(request.as_bytes());
+        let reply = client.reply(false, Duration::from_secs(5)).await;
+        assert_eq!(reply.status, Some(200), "{}", reply.text());
+    }
+    let woken = voluntary_switches(pid, pid) - before;
+    // Its own work (the config file looked at once a second, the rules' lapses) wakes it a
+    // few times; one request after another would wake it about once each.
+    assert!(
+        woken < REQUESTS / 10,
+        "the main thread was woken {woken} times for {REQUESTS} requests served by a worker"
+    );
+    let (code, _) = process.terminate().await;
+    assert_eq!(code, Some(0));
+}
+
 #[tokio::test]
 async fn dev_mode_tells_the_whole_story() {
     let mut child = Command::new(BIN)
