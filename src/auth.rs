@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use crate::stack::RequestBody;
 use arc_swap::ArcSwap;
@@ -68,18 +69,20 @@ impl Auth {
     /// has no token, or the connection remembers a fresh answer for its token (the common
     /// case: a kept-alive client sending its token again). `None`: the token's facts must be
     /// looked up; nothing is decided or counted yet.
+    /// `arrived`: when the request came in, what a remembered answer must still be fresh at.
     fn decide_now(
         &self,
         subject: Subject<'_>,
         token: Option<&Token>,
         key_memo: &KeyMemo,
         slot: &DecisionSlot,
+        arrived: Instant,
     ) -> Option<Result<Principal, GatewayError>> {
         let policy = self.policy.load();
         let judge = Judge::new(self, &policy, subject, slot);
         match judge.before_facts(token) {
             Ok(token) => {
-                let remembered = self.cache.remembered_on(token, key_memo)?;
+                let remembered = self.cache.remembered_on(token, key_memo, arrived)?;
                 Some(judge.with_facts(Ok(remembered)))
             }
             Err(decided) => Some(decided),
@@ -282,6 +285,8 @@ struct Asking<'r> {
     path: Cow<'r, str>,
     info: &'r RequestInfo,
     slot: Cow<'r, DecisionSlot>,
+    /// When the edge took the request in (now, in a stack without the edge).
+    arrived: Instant,
     /// The decision endpoint: the decision is the answer, nothing is forwarded.
     endpoint: bool,
 }
@@ -298,6 +303,7 @@ impl<'r> Asking<'r> {
             Some(slot) => Cow::Borrowed(slot),
             None => Cow::Owned(DecisionSlot::default()),
         };
+        let arrived = context.arrived.unwrap_or_else(Instant::now);
         if &*info.path == DECISION_PATH {
             let trusted = auth.policy.load().trusted_proxies().to_vec();
             let (method, path) = original_request(request.headers(), info.peer().ip(), &trusted)?;
@@ -306,6 +312,7 @@ impl<'r> Asking<'r> {
                 path: Cow::Owned(path),
                 info,
                 slot,
+                arrived,
                 endpoint: true,
             });
         }
@@ -314,6 +321,7 @@ impl<'r> Asking<'r> {
             path: Cow::Borrowed(&info.path),
             info,
             slot,
+            arrived,
             endpoint: false,
         })
     }
@@ -329,7 +337,8 @@ impl<'r> Asking<'r> {
 
     fn decide_now(&self, auth: &Auth) -> Option<Result<Principal, GatewayError>> {
         let token = self.info.token.as_ref();
-        auth.decide_now(self.subject(), token, &self.info.conn.key_memo, &self.slot)
+        let memo = &self.info.conn.key_memo;
+        auth.decide_now(self.subject(), token, memo, &self.slot, self.arrived)
     }
 
     async fn decide(&self, auth: &Auth) -> Result<Principal, GatewayError> {

@@ -276,14 +276,16 @@ impl TokenCache {
 
     /// The answer the client connection's `memo` remembers for `token` while it is fresh (and
     /// nothing was purged since), counted as a hit: what [`TokenCache::lookup_on`] answers
-    /// without a lookup, known at once. `None`: the answer must be looked up.
+    /// without a lookup, known at once, if it is still fresh at `now` (the caller's reading of
+    /// the clock). `None`: the answer must be looked up.
     pub fn remembered_on(
         &self,
         token: &Token,
         memo: &KeyMemo,
+        now: Instant,
     ) -> Option<(TokenStatus, CacheResult)> {
         let forgets = self.0.forgets.load(Ordering::Acquire);
-        match memo.recall(self.0.id, token, forgets, Stamp::now()) {
+        match memo.recall(self.0.id, token, forgets, Stamp::at(now)) {
             Recalled::Answer(status) => Some(self.counted(status, CacheResult::Hit)),
             Recalled::Key(_) | Recalled::Nothing => None,
         }

@@ -301,10 +301,18 @@ impl Upstream {
             .pool
             .send(outgoing, prepared.body, started, started + self.timeout)
             .await;
+        let ended = match &result {
+            Ok(answer) => answer.at,
+            Err(_) => tokio::time::Instant::now(),
+        };
         self.metrics
             .hot
-            .upstream_duration(started.elapsed().as_secs_f64());
-        let (mut response, relayed) = match result {
+            .upstream_duration(ended.saturating_duration_since(started).as_secs_f64());
+        let pool::Answer {
+            mut response,
+            relayed,
+            ..
+        } = match result {
             Err(pool::SendError::Timeout) => {
                 self.count(CLASS_TIMEOUT);
                 return Err(GatewayError::UpstreamTimeout(self.timeout));

@@ -259,9 +259,15 @@ pub struct Outgoing<'a> {
     pub kept_as: h1::KeptHeaders,
 }
 
-/// The upstream's answer; its header lines as they came, when asked for
-/// ([`h1::KeptHeaders::AsLines`]).
-pub type Answer = (Response<UpstreamBody>, Option<h1::RelayedHeaders>);
+/// The upstream's answer.
+pub struct Answer {
+    pub response: Response<UpstreamBody>,
+    /// Its header lines as they came, when asked for ([`h1::KeptHeaders::AsLines`]).
+    pub relayed: Option<h1::RelayedHeaders>,
+    /// When its head had been read: the end of the upstream's part for the caller's timing,
+    /// without a reading of the clock of its own.
+    pub at: tokio::time::Instant,
+}
 
 /// A connection waiting for its next request.
 struct Idle {
@@ -438,7 +444,10 @@ impl Pool {
                 .await
             };
             match outcome {
-                Ok((head, complete)) => return Ok(self.answer(conn, head, complete)),
+                Ok((head, complete)) => {
+                    let at = tokio::time::Instant::now();
+                    return Ok(self.answer(conn, head, complete, at));
+                }
                 Err(err) if reused && resendable && err.is_stale() => {
                     tracing::debug!(cause = %err, "reused upstream connection was closed; sending again");
                     reused_attempts += 1;
@@ -448,8 +457,14 @@ impl Pool {
         }
     }
 
-    /// The answer, with a body that reads the rest from `conn`.
-    fn answer(&self, conn: Conn, head: h1::ResponseHead, complete: bool) -> Answer {
+    /// The answer, with a body that reads the rest from `conn`; its head was read `at`.
+    fn answer(
+        &self,
+        conn: Conn,
+        head: h1::ResponseHead,
+        complete: bool,
+        at: tokio::time::Instant,
+    ) -> Answer {
         let framing = head.framing;
         let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
         let reusable =
@@ -463,17 +478,23 @@ impl Pool {
             // The connection belongs to the tunnel from now on.
             body.upgraded = Some(Upgraded(conn));
         } else {
-            body.lease = Some(Lease {
-                conn,
-                pool: self.clone(),
-                reusable,
-            });
             body.state = match framing {
                 ResponseFraming::None | ResponseFraming::Length(0) => BodyState::Done,
                 ResponseFraming::Length(length) => BodyState::Length(length),
                 ResponseFraming::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
                 ResponseFraming::UntilClose => BodyState::UntilClose,
             };
+            let whole = match body.state {
+                BodyState::Done => true,
+                BodyState::Length(length) => conn.link.buffer.len() as u64 >= length,
+                _ => false,
+            };
+            body.lease = Some(Lease {
+                conn,
+                pool: self.clone(),
+                reusable,
+                idle_from: whole.then_some(at),
+            });
             if matches!(body.state, BodyState::Done) {
                 body.finish();
             }
@@ -482,7 +503,11 @@ impl Pool {
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
-        (response, head.relayed)
+        Answer {
+            response,
+            relayed: head.relayed,
+            at,
+        }
     }
 
     /// The most recently used idle connection that can take a request at `now`, if any.
@@ -544,8 +569,8 @@ impl Pool {
         &self.0.idle[workers::lane() % self.0.idle.len()]
     }
 
-    fn put(&self, conn: Conn) {
-        let now = tokio::time::Instant::now();
+    /// `conn` is idle from `now` on.
+    fn put(&self, conn: Conn, now: tokio::time::Instant) {
         let mut idle = self.lane().lock().expect("pool lock");
         // The oldest are at the front: drop those that have waited too long.
         while idle
@@ -564,6 +589,9 @@ struct Lease {
     pool: Pool,
     /// The upstream keeps the connection open after this answer.
     reusable: bool,
+    /// When the connection is idle from, if the whole body came with the head (the common
+    /// small answer): the head's reading. Otherwise the clock is read when the body ends.
+    idle_from: Option<tokio::time::Instant>,
 }
 
 /// What is left of an answer's body.
@@ -605,7 +633,8 @@ impl UpstreamBody {
         self.state = BodyState::Done;
         if let Some(lease) = self.lease.take() {
             if lease.reusable && lease.conn.link.buffer.is_empty() {
-                lease.pool.put(lease.conn);
+                let idle_from = lease.idle_from.unwrap_or_else(tokio::time::Instant::now);
+                lease.pool.put(lease.conn, idle_from);
             }
         }
     }
@@ -709,7 +738,7 @@ mod tests {
             kept_as: h1::KeptHeaders::InMap,
         };
         let now = tokio::time::Instant::now();
-        let (response, _) = pool
+        let Answer { response, .. } = pool
             .send(
                 outgoing,
                 RequestBody::Empty,
@@ -780,5 +809,74 @@ mod tests {
         idle_for(Duration::from_secs(91)).await;
         assert_eq!(get(&pool).await, StatusCode::OK);
         assert_eq!(accepted(), 2, "91 s idle: a new connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_body_came_after_its_head_is_idle_from_the_bodys_end() {
+        // The first answer's head comes at once, its body when `release` says; every later
+        // answer comes whole.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (counter, body_released) = (Arc::clone(&accepted), Arc::clone(&release));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let first = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                let body_released = Arc::clone(&body_released);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut chunk = [0u8; 512];
+                    let mut held_back = first;
+                    while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+                        seen.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+                            if stream.write_all(head).await.is_err() {
+                                return;
+                            }
+                            if std::mem::take(&mut held_back) {
+                                body_released.notified().await;
+                            }
+                            if stream.write_all(b"ok").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let accepted = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let tls = crate::tls::client_config(None).unwrap();
+        let pool = Pool::new(&url, tls, Duration::from_secs(300), Duration::from_secs(90)).unwrap();
+
+        let outgoing = Outgoing {
+            method: &Method::GET,
+            head: b"GET /slow HTTP/1.1\r\nhost: upstream\r\n\r\n",
+            framing: RequestFraming::None,
+            websocket: false,
+            kept_as: h1::KeptHeaders::InMap,
+        };
+        let now = tokio::time::Instant::now();
+        let Answer { response, .. } = pool
+            .send(
+                outgoing,
+                RequestBody::Empty,
+                now,
+                now + Duration::from_secs(300),
+            )
+            .await
+            .expect("the upstream answers");
+        // 60 s between the head and the end of the body, then 60 s idle: 60 s since the
+        // connection was last used, not 120.
+        idle_for(Duration::from_secs(60)).await;
+        release.notify_one();
+        response.into_body().collect().await.unwrap();
+        idle_for(Duration::from_secs(60)).await;
+        assert_eq!(get(&pool).await, StatusCode::OK);
+        assert_eq!(accepted(), 1, "60 s idle after its body: reused");
     }
 }

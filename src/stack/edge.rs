@@ -169,6 +169,7 @@ where
             peer = context.conn.as_ref().map(|conn| conn.peer);
             context.request_id = Some(request_id.clone());
             context.slot = Some(slot.clone());
+            context.arrived = Some(started);
         }
         let inner = match self.unready.take() {
             None => Either::Left(self.inner.call(request)),
