@@ -49,8 +49,8 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "bench/ab.sh: $1 did not come up" >&2; exit 70; }
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 if [ "$pinned" = 1 ]; then
     proxy_cpu=(taskset -c 0); load_cpu=(taskset -c 1); workers=1
 else
@@ -67,11 +67,7 @@ EOF
 "${load_cpu[@]}" nginx -p "$OUT" -c "$OUT/upstream.conf" & pids+=($!)
 wait_for "http://127.0.0.1:$up_port/"
 
-dev_port=$(free_port) dev_admin=$(free_port)
-"${load_cpu[@]}" "${specs[0]#*:}" dev --listen "127.0.0.1:$dev_port" --admin-listen "127.0.0.1:$dev_admin" > "$OUT/dev.log" 2>&1 & pids+=($!)
-wait_for "http://127.0.0.1:$dev_admin/healthz"
-iam=$(grep -o 'iam=http://[0-9.:]*' "$OUT/dev.log" | head -1 | cut -d= -f2)
-token=$(grep -o 'demo-alice-[0-9a-f]*' "$OUT/dev.log" | head -1)
+start_iam_sim "$OUT" "${specs[0]#*:}" "${load_cpu[@]}"
 
 nginx_port=$(free_port)
 if [ "$pinned" = 1 ]; then processes="master_process off;"; else processes="worker_processes $workers;"; fi
@@ -122,21 +118,7 @@ for round in $(seq "$rounds"); do
         spec="${specs[$i]}"; binary="${spec#*:}"; runtime=per-worker
         case "$spec" in *:*) runtime="${spec%%:*}" ;; esac
         port=$(free_port) admin=$(free_port)
-        cat > "$OUT/gateway.toml" <<EOF
-[server]
-listen = "127.0.0.1:$port"
-[admin]
-listen = "127.0.0.1:$admin"
-[upstream]
-url = "http://127.0.0.1:$up_port"
-[iam]
-provider = "huawei"
-endpoint = "$iam"
-[policy]
-require = "mfa_device"
-[cache]
-ttl = "1h"
-EOF
+        gateway_toml "$port" "$admin" "$up_port" "$iam" > "$OUT/gateway.toml"
         MFA_GATE_RUNTIME=$runtime TOKIO_WORKER_THREADS=$workers "${proxy_cpu[@]}" "$binary" --log-level warn run \
             --config "$OUT/gateway.toml" > "$OUT/gateway.$i.log" 2>&1 & gate_pid=$!
         wait_for "http://127.0.0.1:$admin/healthz"

@@ -46,8 +46,8 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "bench/profile.sh: $1 did not come up" >&2; exit 70; }
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 up_port=$(free_port)
 cat > "$OUT/upstream.conf" <<EOF
@@ -68,27 +68,8 @@ wait_for "http://127.0.0.1:$up_port/status"
 proxy_port=$(free_port)
 token=""
 {
-    dev_port=$(free_port) dev_admin=$(free_port)
-    taskset -c 1 "$binary" dev --listen "127.0.0.1:$dev_port" --admin-listen "127.0.0.1:$dev_admin" \
-        > "$OUT/dev.log" 2>&1 & pids+=($!)
-    wait_for "http://127.0.0.1:$dev_admin/healthz"
-    iam=$(grep -o 'iam=http://[0-9.:]*' "$OUT/dev.log" | head -1 | cut -d= -f2)
-    token=$(grep -o 'demo-alice-[0-9a-f]*' "$OUT/dev.log" | head -1)
-    cat > "$OUT/gateway.toml" <<EOF
-[server]
-listen = "127.0.0.1:$proxy_port"
-[admin]
-listen = "127.0.0.1:$(free_port)"
-[upstream]
-url = "http://127.0.0.1:$up_port"
-[iam]
-provider = "huawei"
-endpoint = "$iam"
-[policy]
-require = "mfa_device"
-[cache]
-ttl = "1h"
-EOF
+    start_iam_sim "$OUT" "$binary" taskset -c 1
+    gateway_toml "$proxy_port" "$(free_port)" "$up_port" "$iam" > "$OUT/gateway.toml"
     TOKIO_WORKER_THREADS=1 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --dump-instr=yes \
         --callgrind-out-file="$OUT/callgrind.%p" "$binary" --log-level warn run \
         --config "$OUT/gateway.toml" > "$OUT/valgrind.log" 2>&1 & pids+=($!)

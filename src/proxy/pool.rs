@@ -730,6 +730,14 @@ mod tests {
 
     /// A `GET` through `pool`, its answer read to the end (which gives the connection back).
     async fn get(pool: &Pool) -> StatusCode {
+        let response = send_get(pool).await;
+        let status = response.status();
+        response.into_body().collect().await.unwrap();
+        status
+    }
+
+    /// A `GET` through `pool`: the answer as soon as its head is read.
+    async fn send_get(pool: &Pool) -> Response<UpstreamBody> {
         let outgoing = Outgoing {
             method: &Method::GET,
             head: b"GET /x HTTP/1.1\r\nhost: upstream\r\n\r\n",
@@ -747,9 +755,7 @@ mod tests {
             )
             .await
             .expect("the upstream answers");
-        let status = response.status();
-        response.into_body().collect().await.unwrap();
-        status
+        response
     }
 
     /// Moves tokio's clock, by which idle connections are aged, and lets it run on.
@@ -763,6 +769,14 @@ mod tests {
     /// the connection as the clock moves): answers every head with `200 ok`; counts the
     /// connections it accepted.
     async fn timeless_upstream() -> (Uri, Arc<std::sync::atomic::AtomicUsize>) {
+        timeless_upstream_holding(None).await
+    }
+
+    /// [`timeless_upstream`], but the body of its very first answer, when `held` is given,
+    /// follows the head only once `held` is notified.
+    async fn timeless_upstream_holding(
+        held: Option<Arc<tokio::sync::Notify>>,
+    ) -> (Uri, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap())
             .parse()
@@ -771,7 +785,8 @@ mod tests {
         let counter = Arc::clone(&accepted);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let first = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                let mut held = held.clone().filter(|_| first);
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     let mut chunk = [0u8; 512];
@@ -779,8 +794,14 @@ mod tests {
                         seen.extend_from_slice(&chunk[..n]);
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if stream.write_all(answer).await.is_err() {
+                            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+                            if stream.write_all(head).await.is_err() {
+                                return;
+                            }
+                            if let Some(held) = held.take() {
+                                held.notified().await;
+                            }
+                            if stream.write_all(b"ok").await.is_err() {
                                 return;
                             }
                         }
@@ -813,63 +834,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_whose_body_came_after_its_head_is_idle_from_the_bodys_end() {
-        // The first answer's head comes at once, its body when `release` says; every later
-        // answer comes whole.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: Uri = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
         let release = Arc::new(tokio::sync::Notify::new());
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (counter, body_released) = (Arc::clone(&accepted), Arc::clone(&release));
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let first = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-                let body_released = Arc::clone(&body_released);
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut chunk = [0u8; 512];
-                    let mut held_back = first;
-                    while let Ok(n @ 1..) = stream.read(&mut chunk).await {
-                        seen.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
-                            if stream.write_all(head).await.is_err() {
-                                return;
-                            }
-                            if std::mem::take(&mut held_back) {
-                                body_released.notified().await;
-                            }
-                            if stream.write_all(b"ok").await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
+        let (url, accepted) = timeless_upstream_holding(Some(Arc::clone(&release))).await;
         let accepted = || accepted.load(std::sync::atomic::Ordering::SeqCst);
         let tls = crate::tls::client_config(None).unwrap();
-        let pool = Pool::new(&url, tls, Duration::from_secs(300), Duration::from_secs(90)).unwrap();
+        let pool = Pool::new(&url, tls, Duration::from_secs(5), Duration::from_secs(90)).unwrap();
 
-        let outgoing = Outgoing {
-            method: &Method::GET,
-            head: b"GET /slow HTTP/1.1\r\nhost: upstream\r\n\r\n",
-            framing: RequestFraming::None,
-            websocket: false,
-            kept_as: h1::KeptHeaders::InMap,
-        };
-        let now = tokio::time::Instant::now();
-        let Answer { response, .. } = pool
-            .send(
-                outgoing,
-                RequestBody::Empty,
-                now,
-                now + Duration::from_secs(300),
-            )
-            .await
-            .expect("the upstream answers");
+        let response = send_get(&pool).await;
         // 60 s between the head and the end of the body, then 60 s idle: 60 s since the
         // connection was last used, not 120.
         idle_for(Duration::from_secs(60)).await;

@@ -3,9 +3,10 @@
 //!
 //! Measured against tokio's multi-thread scheduler with as many workers (bench/README.md):
 //! a connection — its socket moved to the worker's own I/O driver — the upstream connections
-//! it borrows and the tasks it spawns stay on one thread, so an answer wakes no other thread (no futex, no work stealing, no cross-core cache
-//! traffic), as nginx's worker processes do. The price is that a busy connection cannot move to
-//! an idle worker; with keep-alive clients spread evenly that does not arise.
+//! it borrows and the tasks it spawns stay on one thread, so an answer wakes no other thread
+//! (no futex, no work stealing, no cross-core cache traffic), as nginx's worker processes do.
+//! The price is that a busy connection cannot move to an idle worker; with keep-alive clients
+//! spread evenly that does not arise.
 //!
 //! The workers are set up once per process ([`start`], from `main`); without them (tests,
 //! `mfa-gate dev`, one worker asked for) connections run on the runtime that accepted them.
@@ -75,9 +76,9 @@ pub fn start(count: usize) -> std::io::Result<()> {
 /// A tokio socket belongs to the I/O driver of the runtime it was made on, which is the one
 /// that accepted it. Served on a worker as it is, every readiness event of the connection
 /// would wake the accepting thread first, which would then wake the worker: two threads and
-/// an `eventfd` write per request (seen as ~8 context switches of the main thread per 10
-/// requests, bench/README.md). So the socket leaves this driver here and joins the worker's
-/// there.
+/// an `eventfd` write per request (one context switch of the main thread per request,
+/// bench/README.md "Full run at a99bdad"). So the socket leaves this driver here and joins
+/// the worker's there.
 pub fn spawn_connection<F, Fut>(stream: TcpStream, peer: SocketAddr, serve: F)
 where
     F: FnOnce(TcpStream) -> Fut + Send + 'static,

@@ -321,15 +321,46 @@ fn an_unknown_runtime_flavour_is_a_config_error() {
     );
 }
 
-#[tokio::test]
-async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connections() {
+/// The gateway process with `workers` worker threads, in front of a demo upstream and the IAM
+/// simulator, and a warm user's token. Bind every field: what a `..` leaves out is dropped at
+/// once (the simulator, the upstream and the config's directory with it).
+struct WithWorkers {
+    process: Process,
+    listen: String,
+    token: String,
+    upstream: DemoUpstream,
+    _sim: IamSim,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_with_workers(workers: &str) -> WithWorkers {
     let users = iam_sim::demo_users(Duration::from_secs(3600));
     let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
     let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), ""));
     let (process, listen, _) =
-        Process::start_with_env(&config, &[("TOKIO_WORKER_THREADS", "3")]).await;
+        Process::start_with_env(&config, &[("TOKIO_WORKER_THREADS", workers)]).await;
+    WithWorkers {
+        process,
+        listen,
+        token: users[0].token.clone(),
+        upstream,
+        _sim: sim,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connections() {
+    let WithWorkers {
+        process,
+        listen,
+        token,
+        upstream,
+        _sim,
+        _dir,
+    } = start_with_workers("3").await;
 
     let pid = process.child.id().unwrap();
     let mut workers: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -343,7 +374,6 @@ async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connec
 
     // Six keep-alive client connections, used one request at a time: dealt in turn, two per
     // worker; each worker opens one upstream connection and reuses it.
-    let token = users[0].token.clone();
     let mut clients = Vec::new();
     for _ in 0..6 {
         clients.push(RawConn::open(listen.parse().unwrap()).await);
@@ -367,9 +397,10 @@ async fn connections_are_dealt_to_the_workers_and_each_keeps_its_upstream_connec
     assert_eq!(code, Some(0));
 }
 
-/// Voluntary context switches of one thread of process `pid` (Linux's procfs).
-fn voluntary_switches(pid: u32, tid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+/// Voluntary context switches of the main thread of process `pid` (Linux's procfs: its thread
+/// id is the process's).
+fn main_thread_switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap();
     status
         .lines()
         .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
@@ -381,16 +412,16 @@ fn voluntary_switches(pid: u32, tid: u32) -> u64 {
 async fn a_worker_serves_its_connections_without_waking_the_thread_that_accepted_them() {
     // The accepting thread's I/O driver would otherwise deliver every readiness event of the
     // connection and wake the worker for it: one wake-up of the main thread per request.
-    let users = iam_sim::demo_users(Duration::from_secs(3600));
-    let sim = IamSim::start(LOOPBACK.into(), users.clone()).await.unwrap();
-    let upstream = DemoUpstream::start(LOOPBACK.into()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, &config_text(&sim.url(), &upstream.url(), ""));
-    let (process, listen, _) =
-        Process::start_with_env(&config, &[("TOKIO_WORKER_THREADS", "2")]).await;
+    let WithWorkers {
+        process,
+        listen,
+        token,
+        upstream: _upstream,
+        _sim,
+        _dir,
+    } = start_with_workers("2").await;
     let pid = process.child.id().unwrap();
 
-    let token = users[0].token.clone();
     let mut client = RawConn::open(listen.parse().unwrap()).await;
     let request = format!("GET /r HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n\r\n");
     client.send(request.as_bytes());
@@ -400,14 +431,13 @@ async fn a_worker_serves_its_connections_without_waking_the_thread_that_accepted
     );
 
     const REQUESTS: u64 = 400;
-    // The main thread's id is the process's.
-    let before = voluntary_switches(pid, pid);
+    let before = main_thread_switches(pid);
     for _ in 0..REQUESTS {
         client.send(request.as_bytes());
         let reply = client.reply(false, Duration::from_secs(5)).await;
         assert_eq!(reply.status, Some(200), "{}", reply.text());
     }
-    let woken = voluntary_switches(pid, pid) - before;
+    let woken = main_thread_switches(pid) - before;
     // Its own work (the config file looked at once a second, the rules' lapses) wakes it a
     // few times; one request after another would wake it about once each.
     assert!(
