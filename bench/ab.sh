@@ -7,6 +7,7 @@
 #   bash bench/ab.sh --unpinned BINARY [BINARY ...]  # nothing pinned, two workers each
 #   bash bench/ab.sh --rounds 8 --seconds 6 A B
 #   bash bench/ab.sh --unpinned multi-thread:A A     # RUNTIME:BINARY sets MFA_GATE_RUNTIME
+#   bash bench/ab.sh --latency 15000 A               # also open-loop latency at 15,000 req/s
 #
 # Per round (nginx, then each binary, in turn): `wrk -t1 -c64` for --seconds after a 1 s
 # warm-up, req/s, the proxy's user and system CPU per request from /proc/PID/stat (nginx: the
@@ -14,19 +15,26 @@
 # a thread woken per request shows up here, bench/README.md "Full run at a99bdad"). Then
 # medians with ratios to nginx. The upstream (nginx `return 200 "ok"`), the IAM simulator
 # (`mfa-gate dev` of the first binary, for the warm token) and wrk run on CPU 1 when pinned.
+# With --latency RATE, each round also loads the upstream directly, nginx and each binary with
+# the harness's open loop (`mfa-gate-bench open`, 64 connections, send times evenly spread) for
+# --seconds, and a second table gives p50/p99/p99.9 with what each proxy adds over direct. The
+# harness is $HARNESS_TARGET_DIR/release/mfa-gate-bench (default /tmp/target-bench, as
+# bench/run.sh builds it).
 # Loopback only; every server is stopped at the end. Timings are printed, never asserted.
 set -euo pipefail
 
 rounds=5
 seconds=5
 pinned=1
+latency=
 specs=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) shift; rounds="${1:?--rounds needs a value}" ;;
         --seconds) shift; seconds="${1:?--seconds needs a value}" ;;
         --unpinned) pinned=0 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --latency) shift; latency="${1:?--latency needs a rate in req/s}" ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "bench/ab.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
         *) specs+=("$1") ;;
     esac
@@ -36,6 +44,10 @@ done
 for tool in wrk nginx taskset curl python3; do
     command -v "$tool" >/dev/null || { echo "bench/ab.sh: needs $tool (Debian: wrk, nginx-light, util-linux, curl, python3)" >&2; exit 69; }
 done
+harness="${HARNESS_TARGET_DIR:-${CARGO_TARGET_DIR:-/tmp/target-bench}}/release/mfa-gate-bench"
+if [ -n "$latency" ] && [ ! -x "$harness" ]; then
+    echo "bench/ab.sh: --latency needs the harness at $harness (bash bench/run.sh builds it)" >&2; exit 69
+fi
 for spec in "${specs[@]}"; do
     binary="${spec#*:}"
     [ -x "$binary" ] || { echo "bench/ab.sh: no executable at $binary" >&2; exit 69; }
@@ -108,11 +120,23 @@ print(f"{name}\t{n / secs:.0f}\t{(u1 - u0) * us:.2f}\t{(s1 - s0) * us:.2f}\t{(c1
 PY
 }
 
+# Open-loop latency of whatever listens on PORT: name, achieved req/s, p50, p99, p99.9 (ms),
+# errors, appended to latency.txt.
+open_loop() { # name port
+    [ -n "$latency" ] || return 0
+    local result
+    result=$("${load_cpu[@]}" "$harness" open --addr "127.0.0.1:$2" --token "$token" \
+        --rate "$latency" --seconds "$seconds")
+    printf '%s\t%s\n' "$1" "$result" | tee -a "$OUT/latency.txt"
+}
+
 echo "mode: $([ "$pinned" = 1 ] && echo "pinned (proxy on CPU 0, one worker)" || echo "unpinned (two workers)"); $rounds rounds x ${seconds} s; columns: req/s, user µs/req, system µs/req, voluntary context switches / 1k req"
 for round in $(seq "$rounds"); do
+    open_loop "direct" "$up_port"
     "${proxy_cpu[@]}" nginx -p "$OUT" -c "$OUT/proxy.conf" & nginx_pid=$!
     wait_for "http://127.0.0.1:$nginx_port/"
     measure "nginx" "$nginx_pid" "$nginx_port"
+    open_loop "nginx" "$nginx_port"
     kill "$nginx_pid"; wait "$nginx_pid" 2>/dev/null || true
     for i in "${!specs[@]}"; do
         spec="${specs[$i]}"; binary="${spec#*:}"; runtime=per-worker
@@ -123,6 +147,7 @@ for round in $(seq "$rounds"); do
             --config "$OUT/gateway.toml" > "$OUT/gateway.$i.log" 2>&1 & gate_pid=$!
         wait_for "http://127.0.0.1:$admin/healthz"
         measure "$((i + 1)). $spec" "$gate_pid" "$port"
+        open_loop "$((i + 1)). $spec" "$port"
         kill "$gate_pid"; wait "$gate_pid" 2>/dev/null || true
     done
 done
@@ -148,4 +173,26 @@ for name, row in rows.items():
     low, high = min(r[0] for r in row), max(r[0] for r in row)
     print(f"| {name} | {rate:,.0f} ({low:,.0f}–{high:,.0f}) | {rate / base_rate:.3f}× | "
           f"{cpu:.2f} ({user:.2f} + {sys_:.2f}) | {cpu / base_cpu:.3f}× | {median(row, 3):.0f} |")
+PY
+[ -n "$latency" ] || exit 0
+echo
+python3 - "$OUT/latency.txt" "$latency" <<'PY'
+import collections, statistics, sys
+rows = collections.OrderedDict()
+for line in open(sys.argv[1]):
+    name, *values = line.rstrip("\n").split("\t")
+    rows.setdefault(name, []).append([float(v) for v in values])
+def median(row, i):
+    return statistics.median(r[i] for r in row)
+direct, nginx = rows["direct"], rows["nginx"]
+print(f"Open loop at {float(sys.argv[2]):,.0f} req/s, 64 connections; ms, median (min–max) of the rounds; "
+      "'added' is the median p50 minus direct's, in µs")
+print("| target | p50 | added µs | ×nginx | p99 | ×nginx | p99.9 | errors |")
+print("|---|---|---|---|---|---|---|---|")
+for name, row in rows.items():
+    p50, p99, p999 = median(row, 1), median(row, 2), median(row, 3)
+    span = f"{min(r[1] for r in row):.3f}–{max(r[1] for r in row):.3f}"
+    print(f"| {name} | {p50:.3f} ({span}) | {(p50 - median(direct, 1)) * 1000:+.0f} | "
+          f"{p50 / median(nginx, 1):.2f}× | {p99:.3f} | {p99 / median(nginx, 2):.2f}× | {p999:.3f} | "
+          f"{sum(r[4] for r in row):.0f} |")
 PY

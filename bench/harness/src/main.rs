@@ -65,6 +65,25 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         burst: usize,
     },
+    /// One open-loop measurement against a running server (bench/ab.sh --latency): prints
+    /// `achieved_req/s p50_ms p99_ms p99.9_ms errors`, tab-separated, on one line.
+    Open {
+        /// Loopback address to load, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "/x")]
+        path: String,
+        /// X-Auth-Token sent with every request.
+        #[arg(long)]
+        token: Option<String>,
+        /// Requests per second in total.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+    },
     /// RSS of the token cache with N distinct tokens (one JSON line on stdout).
     CacheScale {
         #[arg(long)]
@@ -154,6 +173,33 @@ fn main() -> anyhow::Result<()> {
                 burst: burst.max(1),
             };
             runtime.block_on(run::run(args))
+        }
+        Command::Open {
+            addr,
+            path,
+            token,
+            rate,
+            seconds,
+            connections,
+        } => {
+            anyhow::ensure!(addr.ip().is_loopback(), "--addr {addr}: loopback only");
+            let target = load::Target {
+                addr,
+                path,
+                tokens: token.map_or(load::TokenSource::None, |t| {
+                    load::TokenSource::Fixed(t.into())
+                }),
+            };
+            let duration = Duration::from_secs(seconds.max(1));
+            let mut out = runtime.block_on(load::open(&target, connections.max(1), rate, duration));
+            let mut ms = |q| out.quantile_us(q).unwrap_or(f64::NAN) / 1000.0;
+            let (p50, p99, p999) = (ms(0.5), ms(0.99), ms(0.999));
+            println!(
+                "{:.0}\t{p50:.3}\t{p99:.3}\t{p999:.3}\t{}",
+                out.rate(),
+                out.errors + out.non_2xx + out.unsent
+            );
+            Ok(())
         }
         Command::CacheScale { entries } => runtime.block_on(scale::run(entries)),
         Command::Soak {

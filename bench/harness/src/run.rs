@@ -1112,7 +1112,7 @@ fn report(
         }
         let _ = writeln!(
             o,
-            "\nOpen loop at {:.0} req/s (50% of row 2's median maximum; row 5 at {:.0} req/s = min(that, 50% of row 5's own maximum)), {} connections, latency from the scheduled send time when the connection was still busy (coordinated omission corrected). Median (min–max) over {} rounds, in ms.\n",
+            "\nOpen loop at {:.0} req/s (50% of row 2's median maximum; row 5 at {:.0} req/s = min(that, 50% of row 5's own maximum)), {} connections, send times evenly spaced by a pacer thread, latency from the scheduled send time when the connection was still busy (coordinated omission corrected). Median (min–max) over {} rounds, in ms.\n",
             r.open_rate, r.cold_open_rate, args.connections, args.rounds
         );
         let _ = writeln!(o, "| row | p50 | ×1 | ×2 | p99 | ×1 | ×2 | p99.9 | ×1 | ×2 | achieved req/s | proxy CPU s / 10k req | errors + not sent in time |");

@@ -20,10 +20,10 @@
 //! positive ones after `cache.ttl` (5 min), and the fresh tokens push the cache past
 //! `cache.max_entries` (100,000) so that it evicts: every cache path runs all the time.
 //!
-//! Load: an open loop (wrk2's model, as `load::open`), the rate spread evenly over the
-//! connections, latency counted from the scheduled send time when the connection was still busy
-//! (coordinated omission corrected); for the requests that need no IAM call also from their
-//! actual send (the gateway's own time). A request counts in the minute it completed in.
+//! Load: an open loop (wrk2's model, as `load::open`, send times from `load::pace`), the rate
+//! spread evenly over the connections, latency counted from the scheduled send time when the
+//! connection was still busy (coordinated omission corrected); for the requests that need no
+//! IAM call also from their actual send (the gateway's own time). A request counts in the minute it completed in.
 //! Measured every second: `VmRSS` of the mfa-gate process and the number of entries in
 //! `/proc/PID/fd`; per minute: the largest of each, and at the minute's end RSS and the
 //! `mfa_gate_cache_entries` gauge.
@@ -451,10 +451,9 @@ async fn soak(
 
     let fresh_counter = Arc::new(AtomicU64::new(0));
     let fresh_salt = rand::random::<u32>();
-    let interval = Duration::from_secs_f64(args.connections as f64 / args.rate.max(1.0));
-    let step = Duration::from_secs_f64(1.0 / args.rate.max(1.0));
+    let schedule = load::pace(start, end, args.rate, args.connections);
     let mut loops = tokio::task::JoinSet::new();
-    for k in 0..args.connections {
+    for (k, mut slots) in schedule.slots.into_iter().enumerate() {
         let pool = pool.clone();
         let stats = stats.clone();
         let sim = sim.clone();
@@ -465,15 +464,7 @@ async fn soak(
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((k as u64 + 1) << 17) ^ fresh_salt as u64);
             let mut conn = Conn::new(gate_addr);
             let _ = conn.connect().await;
-            let mut scheduled = start + step * k as u32;
-            while scheduled < end {
-                let now = Instant::now();
-                let t0 = if now > scheduled {
-                    scheduled
-                } else {
-                    tokio::time::sleep_until(scheduled.into()).await;
-                    Instant::now()
-                };
+            while let Some(t0) = slots.next().await {
                 let kind = Kind::pick((rng.next() % 100) as u32);
                 let fresh;
                 let (path, token) = match kind {
@@ -526,7 +517,6 @@ async fn soak(
                     }
                 }
                 drop(stats);
-                scheduled += interval;
             }
         });
     }
