@@ -153,14 +153,20 @@ for round in $(seq "$rounds"); do
 done
 
 echo
-python3 - "$OUT/rounds.txt" <<'PY'
-import collections, statistics, sys
-rows = collections.OrderedDict()
-for line in open(sys.argv[1]):
-    name, *values = line.rstrip("\n").split("\t")
-    rows.setdefault(name, []).append([float(v) for v in values])
+python3 - "$OUT" "$latency" <<'PY'
+import collections, os, statistics, sys
+out, latency = sys.argv[1], sys.argv[2]
+def rows_of(path):
+    """name -> one list of numbers per round, in the order the names first came."""
+    rows = collections.OrderedDict()
+    for line in open(path):
+        name, *values = line.rstrip("\n").split("\t")
+        rows.setdefault(name, []).append([float(v) for v in values])
+    return rows
 def median(row, i):
     return statistics.median(r[i] for r in row)
+
+rows = rows_of(os.path.join(out, "rounds.txt"))
 base = rows["nginx"]
 for row in rows.values():
     for r in row:
@@ -173,26 +179,18 @@ for name, row in rows.items():
     low, high = min(r[0] for r in row), max(r[0] for r in row)
     print(f"| {name} | {rate:,.0f} ({low:,.0f}–{high:,.0f}) | {rate / base_rate:.3f}× | "
           f"{cpu:.2f} ({user:.2f} + {sys_:.2f}) | {cpu / base_cpu:.3f}× | {median(row, 3):.0f} |")
-PY
-[ -n "$latency" ] || exit 0
-echo
-python3 - "$OUT/latency.txt" "$latency" <<'PY'
-import collections, statistics, sys
-rows = collections.OrderedDict()
-for line in open(sys.argv[1]):
-    name, *values = line.rstrip("\n").split("\t")
-    rows.setdefault(name, []).append([float(v) for v in values])
-def median(row, i):
-    return statistics.median(r[i] for r in row)
-direct, nginx = rows["direct"], rows["nginx"]
-print(f"Open loop at {float(sys.argv[2]):,.0f} req/s, 64 connections; ms, median (min–max) of the rounds; "
-      "'added' is the median p50 minus direct's, in µs")
-print("| target | p50 | added µs | ×nginx | p99 | ×nginx | p99.9 | errors |")
-print("|---|---|---|---|---|---|---|---|")
-for name, row in rows.items():
-    p50, p99, p999 = median(row, 1), median(row, 2), median(row, 3)
-    span = f"{min(r[1] for r in row):.3f}–{max(r[1] for r in row):.3f}"
-    print(f"| {name} | {p50:.3f} ({span}) | {(p50 - median(direct, 1)) * 1000:+.0f} | "
-          f"{p50 / median(nginx, 1):.2f}× | {p99:.3f} | {p99 / median(nginx, 2):.2f}× | {p999:.3f} | "
-          f"{sum(r[4] for r in row):.0f} |")
+
+if latency:
+    rows = rows_of(os.path.join(out, "latency.txt"))
+    direct, nginx = rows["direct"], rows["nginx"]
+    print(f"\nOpen loop at {float(latency):,.0f} req/s, 64 connections; ms, median (min–max) of the rounds; "
+          "'added' is the median p50 minus direct's, in µs")
+    print("| target | p50 | added µs | ×nginx | p99 | ×nginx | p99.9 | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        p50, p99, p999 = median(row, 1), median(row, 2), median(row, 3)
+        span = f"{min(r[1] for r in row):.3f}–{max(r[1] for r in row):.3f}"
+        print(f"| {name} | {p50:.3f} ({span}) | {(p50 - median(direct, 1)) * 1000:+.0f} | "
+              f"{p50 / median(nginx, 1):.2f}× | {p99:.3f} | {p99 / median(nginx, 2):.2f}× | {p999:.3f} | "
+              f"{sum(r[4] for r in row):.0f} |")
 PY
