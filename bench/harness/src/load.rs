@@ -84,6 +84,12 @@ impl Outcome {
         self.ok + self.non_2xx
     }
 
+    /// Requests that did not end in a 2xx: I/O errors, other statuses and (open loop) send
+    /// times never sent.
+    pub fn failed(&self) -> u64 {
+        self.errors + self.non_2xx + self.unsent
+    }
+
     pub fn rate(&self) -> f64 {
         self.completed() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }

@@ -197,7 +197,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{:.0}\t{p50:.3}\t{p99:.3}\t{p999:.3}\t{}",
                 out.rate(),
-                out.errors + out.non_2xx + out.unsent
+                out.failed()
             );
             Ok(())
         }

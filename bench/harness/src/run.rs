@@ -756,7 +756,7 @@ async fn measure_mode(
                 p50_ms: q(&mut out, 0.50),
                 p99_ms: q(&mut out, 0.99),
                 p999_ms: q(&mut out, 0.999),
-                errors: out.errors + out.non_2xx + out.unsent,
+                errors: out.failed(),
                 cpu_per_10k: (!proxies.is_empty() && out.completed() > 0)
                     .then(|| (cpu1 - cpu0) / out.completed() as f64 * 10_000.0),
             };
