@@ -16,7 +16,8 @@
 //!   the values of a name together, names lowercased, values byte for byte), within the head
 //!   limit; it takes exactly that head from the buffer; it has no body framing other than
 //!   `Content-Length: 0`, no `Expect`, `Upgrade`, `TE` or `HTTP2-Settings`, and `Connection`
-//!   only as `keep-alive`; its method is neither `HEAD` nor `CONNECT` and its target starts
+//!   only as `keep-alive` or `close` — said to close exactly when a `Connection` line is
+//!   `close`; its method is neither `HEAD` nor `CONNECT` and its target starts
 //!   with `/`.
 
 use bytes::BytesMut;
@@ -25,11 +26,12 @@ use mfa_gate::server::own_h1::{parse_request, Parsed};
 /// The head limit the checks run with: small, so that the fuzzer reaches it.
 const MAX_HEAD: usize = 1024;
 
-/// What a parse came to: a request (method, target, header lines), waiting, or hyper's; and
+/// What a parse came to: a request (method, target, header lines, whether it asks to close),
+/// waiting, or hyper's; and
 /// the bytes left in the buffer after it plus those not fed yet.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
-    Request(String, String, Vec<(String, Vec<u8>)>),
+    Request(String, String, Vec<(String, Vec<u8>)>, bool),
     Partial,
     NotOurs,
 }
@@ -47,7 +49,7 @@ fn run(wire: &[u8], step: usize) -> (Outcome, Vec<u8>) {
         fed = end;
         let before = buf.clone();
         let outcome = match parse_request(&mut buf, MAX_HEAD) {
-            Parsed::Request(request) => {
+            Parsed::Request(request, closes) => {
                 let lines = request
                     .headers()
                     .iter()
@@ -57,6 +59,7 @@ fn run(wire: &[u8], step: usize) -> (Outcome, Vec<u8>) {
                     request.method().to_string(),
                     request.uri().to_string(),
                     lines,
+                    closes,
                 )
             }
             Parsed::Partial => Outcome::Partial,
@@ -89,7 +92,7 @@ pub fn own_h1_parse(data: &[u8]) {
     let (whole, left) = run(wire, 0);
     let (pieces, left_pieces) = run(wire, step);
     assert_eq!(whole, pieces, "at once and in pieces of {step} differ");
-    let Outcome::Request(method, target, lines) = &whole else {
+    let Outcome::Request(method, target, lines, closes) = &whole else {
         return;
     };
     assert_eq!(left, left_pieces, "different bytes left after the head");
@@ -150,8 +153,15 @@ pub fn own_h1_parse(data: &[u8]) {
             "transfer-encoding" | "expect" | "upgrade" | "te" | "http2-settings" => {
                 panic!("served a request with {name}")
             }
-            "connection" => assert!(value.eq_ignore_ascii_case(b"keep-alive"), "connection"),
+            "connection" => assert!(
+                value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close"),
+                "connection"
+            ),
             _ => {}
         }
     }
+    let asks_to_close = lines
+        .iter()
+        .any(|(name, value)| name == "connection" && value.eq_ignore_ascii_case(b"close"));
+    assert_eq!(*closes, asks_to_close, "Connection: close taken or missed");
 }

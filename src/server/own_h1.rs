@@ -9,10 +9,12 @@
 //!
 //! What is served here: HTTP/1.1 requests in origin form whose head httparse reads within the
 //! listener's head limit, with no body (no `Content-Length` other than `0`, no
-//! `Transfer-Encoding`), no `Expect`, `Upgrade`, `TE` or `HTTP2-Settings`, `Connection` absent
-//! or `keep-alive`, and a method other than `HEAD` and `CONNECT`. Anything else — HTTP/1.0,
-//! HTTP/2's preface, a body, an upgrade, `Connection: close`, a malformed, oversized or
-//! unfinished head — is handed to hyper ([`Outcome::HandOver`]) with the bytes already read,
+//! `Transfer-Encoding`), no `Expect`, `Upgrade`, `TE` or `HTTP2-Settings`, `Connection` absent,
+//! `keep-alive` or `close` (answered with `connection: close`, then the connection ends: what
+//! health probes and clients without keep-alive send, each on a new connection), and a method
+//! other than `HEAD` and `CONNECT`. Anything else — HTTP/1.0, HTTP/2's preface, a body, an
+//! upgrade, a `Connection` naming other headers, a malformed, oversized or unfinished head — is
+//! handed to hyper ([`Outcome::HandOver`]) with the bytes already read,
 //! so hyper parses that request from its first byte, as if it had read the connection all
 //! along: the refusals (400, 431), body framing, 100-continue, upgrades and keep-alive rules
 //! of those requests stay hyper's.
@@ -167,9 +169,9 @@ where
     let drain = crate::server::stopped(&mut drain_watch);
     tokio::pin!(drain);
     loop {
-        let request = loop {
+        let (request, client_closes) = loop {
             match parse_request(&mut buf, max_head) {
-                Parsed::Request(request) => break request,
+                Parsed::Request(request, closes) => break (request, closes),
                 Parsed::Partial => {}
                 Parsed::NotOurs => {
                     return Outcome::HandOver {
@@ -226,7 +228,8 @@ where
         };
         // The only value ever sent is `true`: a change is a drain. (`has_changed` is one
         // load; `borrow` takes the channel's read lock, two atomic read-modify-writes.)
-        let closing = draining_before || matches!(shutdown.has_changed(), Ok(true));
+        let closing =
+            client_closes || draining_before || matches!(shutdown.has_changed(), Ok(true));
         let keep = write_response(&mut io, &mut out, response, closing).await;
         if !keep || closing {
             let _ = io.shutdown().await;
@@ -244,8 +247,9 @@ where
 #[doc(hidden)]
 #[allow(clippy::large_enum_variant)]
 pub enum Parsed {
-    /// A whole request this path serves (its head has been taken from the buffer).
-    Request(Request<RequestBody>),
+    /// A whole request this path serves (its head has been taken from the buffer), and whether
+    /// the client asked to close the connection after it (`Connection: close`).
+    Request(Request<RequestBody>, bool),
     /// The start of a head that may still turn out to be one.
     Partial,
     /// Something for hyper (the buffer is as it was).
@@ -299,11 +303,15 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
         many.resize(lines.len(), (0, 0, 0, 0));
         &mut many
     };
+    let mut closes = false;
     for (slot, line) in kept.iter_mut().zip(lines) {
         let name = line.name.as_bytes();
         if !ours(name, line.value) {
             return Parsed::NotOurs;
         }
+        // (`ours` lets a `Connection` line through only as `keep-alive` or `close`.)
+        closes |=
+            name.len() == 10 && is_lower!(name, b"connection") && is_lower!(line.value, b"close");
         *slot = (
             offset(name),
             name.len() as u32,
@@ -317,7 +325,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
 
     let head = buf.split_to(length).freeze();
     match build(&head, method, path_at..path_at + path_len, &kept[..count]) {
-        Some(request) => Parsed::Request(request),
+        Some(request) => Parsed::Request(request, closes),
         None => {
             // Put the head back for hyper (rare: a target or header `http` refuses).
             let mut again = BytesMut::with_capacity(head.len() + buf.len());
@@ -335,7 +343,9 @@ fn ours(name: &[u8], value: &[u8]) -> bool {
         2 => !is_lower!(name, b"te"),
         6 => !is_lower!(name, b"expect"),
         7 => !is_lower!(name, b"upgrade"),
-        10 if is_lower!(name, b"connection") => is_lower!(value, b"keep-alive"),
+        10 if is_lower!(name, b"connection") => {
+            is_lower!(value, b"keep-alive") || is_lower!(value, b"close")
+        }
         14 if is_lower!(name, b"content-length") => value == b"0",
         14 => !is_lower!(name, b"http2-settings"),
         17 => !is_lower!(name, b"transfer-encoding"),
@@ -627,8 +637,8 @@ mod tests {
         let (parsed, rest) = parse(
             "GET /a/b?c=1 HTTP/1.1\r\nHost: app\r\nX-Auth-Token: t\r\nX-Two: 1\r\nx-two: 2\r\n\r\nGET /next",
         );
-        let Parsed::Request(request) = parsed else {
-            panic!("not ours");
+        let Parsed::Request(request, false) = parsed else {
+            panic!("not ours, or taken for a close");
         };
         assert_eq!(request.method(), Method::GET);
         assert_eq!(request.uri(), "/a/b?c=1");
@@ -642,9 +652,28 @@ mod tests {
             "DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n",
             "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
             "GET /x HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n",
+            "GET /x HTTP/1.1\r\nUser-Agent: close\r\n\r\n",
             "OPTIONS /x HTTP/1.1\r\n\r\n",
         ] {
-            assert!(matches!(parse(ours).0, Parsed::Request(_)), "{ours:?}");
+            assert!(
+                matches!(parse(ours).0, Parsed::Request(_, false)),
+                "{ours:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_asking_to_close_is_ours_and_says_so() {
+        for closing in [
+            "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: a\r\nconnection: Close\r\n\r\n",
+            "GET /x HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+        ] {
+            let Parsed::Request(request, true) = parse(closing).0 else {
+                panic!("not ours, or not taken for a close: {closing:?}");
+            };
+            // Left in the request: the proxy drops it as hop-by-hop, as for hyper's requests.
+            assert!(request.headers().contains_key(CONNECTION), "{closing:?}");
         }
     }
 
@@ -660,7 +689,8 @@ mod tests {
             "POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
             "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
-            "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /x HTTP/1.1\r\nConnection: close, x-secret\r\n\r\n",
+            "GET /x HTTP/1.1\r\nConnection: closed\r\n\r\n",
             "GET /x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "GET /x HTTP/1.1\r\nTE: trailers\r\n\r\n",
             "GET /x HTTP/1.1\r\nHTTP2-Settings: AAA\r\n\r\n",
@@ -702,7 +732,7 @@ mod tests {
             .map(|i| format!("x-{i}: v{i}\r\n"))
             .collect();
         let (parsed, _) = parse(&format!("GET / HTTP/1.1\r\n{lines}\r\n"));
-        let Parsed::Request(request) = parsed else {
+        let Parsed::Request(request, _) = parsed else {
             panic!("not ours");
         };
         assert_eq!(request.headers().len(), FEW_HEADERS + 3);
@@ -932,6 +962,38 @@ mod tests {
             .expect("an idle connection outlived the drain")
             .unwrap();
         assert!(matches!(outcome, Outcome::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_request_asking_to_close_is_answered_and_the_connection_ends_after_it() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (_stop, shutdown) = watch::channel(false);
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&answered);
+        let answer = move |_request| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::future::ready(ok())
+        };
+        let serving = tokio::spawn(serve(server, answer, 16 * 1024, shutdown));
+        client.write_all(GET).await.unwrap();
+        let first = answer_of(&mut client).await;
+        assert!(!first.contains("connection: close"), "{first}");
+        // A request pipelined behind the one that asks to close is not answered.
+        client
+            .write_all(b"GET /bye HTTP/1.1\r\nConnection: close\r\n\r\nGET /late HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let last = answer_of(&mut client).await;
+        assert!(last.contains("connection: close\r\n"), "{last}");
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect("the connection was not closed")
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Closed));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        assert_eq!(answered.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

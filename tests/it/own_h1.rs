@@ -159,23 +159,50 @@ async fn requests_the_own_path_leaves_to_hyper_are_answered_by_it() {
     assert_eq!(reply.status, Some(200), "{}", reply.text());
     assert!(reply.body.is_empty());
 
-    // Connection: close, after a request of the own path on the same connection.
-    let mut conn = RawConn::open(h.addr()).await;
-    conn.send(get("/first", &token).as_bytes());
-    assert_eq!(conn.reply(false, WAIT).await.status, Some(200));
-    conn.send(request("GET /bye HTTP/1.1", &token, "Connection: close\r\n").as_bytes());
-    let reply = conn.reply(false, WAIT).await;
-    assert_eq!(reply.status, Some(200), "{}", reply.text());
-    assert_eq!(reply.header("connection"), Some("close"));
-    let after = conn.reply(false, Duration::from_millis(500)).await;
-    assert_eq!(after.status, None, "the connection was closed");
-
     // A malformed head after a good request: hyper's 400.
     let mut conn = RawConn::open(h.addr()).await;
     conn.send(get("/fine", &token).as_bytes());
     assert_eq!(conn.reply(false, WAIT).await.status, Some(200));
     conn.send(b"GET /bad HTTP/1.1\r\nHost: app\r\nBad Header: x\r\n\r\n");
     assert_eq!(conn.reply(false, WAIT).await.status, Some(400));
+}
+
+#[tokio::test]
+async fn a_request_asking_to_close_is_answered_with_connection_close_and_the_connection_ends() {
+    let h = Harness::start().await;
+    let token = h.token("alice");
+    // Alone on its connection (as health probes send it), and after a kept-alive request on
+    // the same connection; either way the upstream connection stays open for the next.
+    let mut conn = RawConn::open(h.addr()).await;
+    conn.send(request("GET /probe HTTP/1.1", &token, "Connection: close\r\n").as_bytes());
+    let reply = conn.reply(false, WAIT).await;
+    assert_eq!(reply.status, Some(200), "{}", reply.text());
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert_eq!(
+        conn.reply(false, Duration::from_millis(500)).await.status,
+        None,
+        "the connection was closed"
+    );
+    let mut conn = RawConn::open(h.addr()).await;
+    conn.send(get("/first", &token).as_bytes());
+    assert_eq!(conn.reply(false, WAIT).await.status, Some(200));
+    conn.send(request("GET /bye HTTP/1.1", &token, "Connection: Close\r\n").as_bytes());
+    let reply = conn.reply(false, WAIT).await;
+    assert_eq!(reply.status, Some(200), "{}", reply.text());
+    assert_eq!(reply.header("connection"), Some("close"));
+    let seen = echoed(&reply.body);
+    assert_eq!(seen["uri"], "/bye");
+    assert!(
+        seen["headers"].get("connection").is_none(),
+        "the client's Connection is not forwarded: {seen}"
+    );
+    assert_eq!(
+        conn.reply(false, Duration::from_millis(500)).await.status,
+        None,
+        "the connection was closed"
+    );
+    assert_eq!(h.upstream.request_count(), 3);
+    assert_eq!(h.upstream.connections_accepted(), 1);
 }
 
 #[tokio::test]
