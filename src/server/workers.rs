@@ -79,13 +79,18 @@ pub fn start(count: usize) -> std::io::Result<()> {
 /// an `eventfd` write per request (one context switch of the main thread per request,
 /// bench/README.md "Full run at a99bdad"). So the socket leaves this driver here and joins
 /// the worker's there.
+///
+/// The connection's future (the own HTTP/1.1 path and hyper's connection state, several KiB)
+/// is boxed where it is made: moved by value, it was copied whole at each step of tokio's
+/// spawn and again each time the task's stage changed, ≈ 5,000 instructions per connection
+/// (bench/README.md, "A new connection per request").
 pub fn spawn_connection<F, Fut>(stream: TcpStream, peer: SocketAddr, serve: F)
 where
     F: FnOnce(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let Some(workers) = WORKERS.get() else {
-        tokio::spawn(serve(stream));
+        tokio::spawn(Box::pin(serve(stream)));
         return;
     };
     let stream = match stream.into_std() {
@@ -98,7 +103,7 @@ where
     let next = workers.next.fetch_add(1, Ordering::Relaxed) % workers.handles.len();
     workers.handles[next].spawn(async move {
         match TcpStream::from_std(stream) {
-            Ok(stream) => serve(stream).await,
+            Ok(stream) => Box::pin(serve(stream)).await,
             Err(err) => {
                 tracing::debug!(cause = %err, client = %peer, "a worker cannot take the connection");
             }
