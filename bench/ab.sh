@@ -8,6 +8,7 @@
 #   bash bench/ab.sh --rounds 8 --seconds 6 A B
 #   bash bench/ab.sh --unpinned multi-thread:A A     # RUNTIME:BINARY sets MFA_GATE_RUNTIME
 #   bash bench/ab.sh --latency 15000 A               # also open-loop latency at 15,000 req/s
+#   bash bench/ab.sh --close A                       # every request on a new client connection
 #
 # Per round (nginx, then each binary, in turn): `wrk -t1 -c64` for --seconds after a 1 s
 # warm-up, req/s, the proxy's user and system CPU per request from /proc/PID/stat (nginx: the
@@ -19,7 +20,9 @@
 # the harness's open loop (`mfa-gate-bench open`, 64 connections, send times evenly spread) for
 # --seconds, and a second table gives p50/p99/p99.9 with what each proxy adds over direct. The
 # harness is $HARNESS_TARGET_DIR/release/mfa-gate-bench (default /tmp/target-bench, as
-# bench/run.sh builds it).
+# bench/run.sh builds it). With --close, wrk asks for `Connection: close` on every request:
+# each one a new client connection (accept, handshake, the connection's set-up in the proxy),
+# the upstream connections still kept alive.
 # Loopback only; every server is stopped at the end. Timings are printed, never asserted.
 set -euo pipefail
 
@@ -27,6 +30,7 @@ rounds=5
 seconds=5
 pinned=1
 latency=
+close=()
 specs=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -34,7 +38,8 @@ while [ $# -gt 0 ]; do
         --seconds) shift; seconds="${1:?--seconds needs a value}" ;;
         --unpinned) pinned=0 ;;
         --latency) shift; latency="${1:?--latency needs a rate in req/s}" ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --close) close=(-H "Connection: close") ;;
+        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "bench/ab.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
         *) specs+=("$1") ;;
     esac
@@ -105,9 +110,9 @@ usage_of() {
 
 measure() { # name pid port
     local name=$1 pid=$2 port=$3 out requests
-    "${load_cpu[@]}" wrk -t1 -c64 -d1s -H "X-Auth-Token: $token" "http://127.0.0.1:$port/x" > /dev/null
+    "${load_cpu[@]}" wrk -t1 -c64 -d1s "${close[@]}" -H "X-Auth-Token: $token" "http://127.0.0.1:$port/x" > /dev/null
     read -r u0 s0 c0 < <(usage_of "$pid")
-    out=$("${load_cpu[@]}" wrk -t1 -c64 -d"${seconds}s" -H "X-Auth-Token: $token" "http://127.0.0.1:$port/x")
+    out=$("${load_cpu[@]}" wrk -t1 -c64 -d"${seconds}s" "${close[@]}" -H "X-Auth-Token: $token" "http://127.0.0.1:$port/x")
     read -r u1 s1 c1 < <(usage_of "$pid")
     requests=$(echo "$out" | awk '/requests in/ {print $1}')
     if echo "$out" | grep -q "Non-2xx"; then echo "bench/ab.sh: $name answered non-2xx: $out" >&2; exit 70; fi
@@ -130,7 +135,7 @@ open_loop() { # name port
     printf '%s\t%s\n' "$1" "$result" | tee -a "$OUT/latency.txt"
 }
 
-echo "mode: $([ "$pinned" = 1 ] && echo "pinned (proxy on CPU 0, one worker)" || echo "unpinned (two workers)"); $rounds rounds x ${seconds} s; columns: req/s, user µs/req, system µs/req, voluntary context switches / 1k req"
+echo "mode: $([ "$pinned" = 1 ] && echo "pinned (proxy on CPU 0, one worker)" || echo "unpinned (two workers)")$([ ${#close[@]} -gt 0 ] && echo ", a new client connection per request"); $rounds rounds x ${seconds} s; columns: req/s, user µs/req, system µs/req, voluntary context switches / 1k req"
 for round in $(seq "$rounds"); do
     open_loop "direct" "$up_port"
     "${proxy_cpu[@]}" nginx -p "$OUT" -c "$OUT/proxy.conf" & nginx_pid=$!

@@ -6,6 +6,7 @@
 #   bash bench/profile.sh --binary PATH       # another mfa-gate build (default: the release
 #                                             # build in $CARGO_TARGET_DIR, /tmp/target-bench)
 #   bash bench/profile.sh --seconds 20 --top 40
+#   bash bench/profile.sh --close             # a new client connection per request
 #
 # The proxy runs alone on CPU 0 under `valgrind --tool=callgrind --instr-atstart=no`, one
 # worker; the upstream (nginx, `return 200 "ok"`), the IAM (`mfa-gate dev`'s simulator, for the
@@ -15,6 +16,8 @@
 # (bench/atomics.py: the instructions that cost ~20 cycles, not one) and the top functions
 # (self cost), and leaves the callgrind file in $BENCH_OUT/profile/ for
 # callgrind_annotate --inclusive=yes (and `python3 bench/atomics.py FILE BINARY N --sources`).
+# --close: wrk asks for `Connection: close`, so the count includes each connection's set-up and
+# end in the proxy (the upstream connections are still kept alive).
 # For line-level attribution build with CARGO_PROFILE_RELEASE_DEBUG=line-tables-only.
 # Loopback only; every server is stopped by pid at the end.
 set -euo pipefail
@@ -25,12 +28,14 @@ OUT="${BENCH_OUT:-$HERE/out}/profile"
 binary="$TARGET_DIR/release/mfa-gate"
 seconds=10
 top=25
+close=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --binary) shift; binary="${1:?--binary needs a path}" ;;
         --seconds) shift; seconds="${1:?--seconds needs a value}" ;;
         --top) shift; top="${1:?--top needs a value}" ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --close) close=(-H "Connection: close") ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/profile.sh: unknown argument $1 (try --help)" >&2; exit 64 ;;
     esac
     shift
@@ -84,7 +89,7 @@ done
 upstream_requests() { curl -s "http://127.0.0.1:$up_port/status" | sed -n 3p | awk '{print $3}'; }
 callgrind_control -i on > /dev/null
 before=$(upstream_requests)
-taskset -c 1 wrk -t1 -c64 -d"${seconds}s" "${header[@]}" "http://127.0.0.1:$proxy_port/x" > "$OUT/wrk.txt"
+taskset -c 1 wrk -t1 -c64 -d"${seconds}s" "${close[@]}" "${header[@]}" "http://127.0.0.1:$proxy_port/x" > "$OUT/wrk.txt"
 after=$(upstream_requests)
 callgrind_control -i off > /dev/null
 callgrind_control -d > /dev/null
