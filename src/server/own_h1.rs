@@ -306,12 +306,11 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let mut closes = false;
     for (slot, line) in kept.iter_mut().zip(lines) {
         let name = line.name.as_bytes();
-        if !ours(name, line.value) {
-            return Parsed::NotOurs;
+        match verdict(name, line.value) {
+            LineVerdict::Ours => {}
+            LineVerdict::OursThenClose => closes = true,
+            LineVerdict::Hypers => return Parsed::NotOurs,
         }
-        // (`ours` lets a `Connection` line through only as `keep-alive` or `close`.)
-        closes |=
-            name.len() == 10 && is_lower!(name, b"connection") && is_lower!(line.value, b"close");
         *slot = (
             offset(name),
             name.len() as u32,
@@ -337,19 +336,37 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Parsed {
     }
 }
 
-/// Whether a request header line leaves the request to this path.
-fn ours(name: &[u8], value: &[u8]) -> bool {
-    match name.len() {
+/// What a request header line makes of its request for this path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineVerdict {
+    /// Leaves the request to this path.
+    Ours,
+    /// `Connection: close`: this path's, and the connection ends after its answer.
+    OursThenClose,
+    /// The request is hyper's.
+    Hypers,
+}
+
+fn verdict(name: &[u8], value: &[u8]) -> LineVerdict {
+    let ours = match name.len() {
         2 => !is_lower!(name, b"te"),
         6 => !is_lower!(name, b"expect"),
         7 => !is_lower!(name, b"upgrade"),
         10 if is_lower!(name, b"connection") => {
-            is_lower!(value, b"keep-alive") || is_lower!(value, b"close")
+            if is_lower!(value, b"close") {
+                return LineVerdict::OursThenClose;
+            }
+            is_lower!(value, b"keep-alive")
         }
         14 if is_lower!(name, b"content-length") => value == b"0",
         14 => !is_lower!(name, b"http2-settings"),
         17 => !is_lower!(name, b"transfer-encoding"),
         _ => true,
+    };
+    if ours {
+        LineVerdict::Ours
+    } else {
+        LineVerdict::Hypers
     }
 }
 
