@@ -928,6 +928,15 @@ mod tests {
         String::from_utf8(seen).unwrap()
     }
 
+    /// Waits up to 5 s for `serving` to end, and asserts that it ended the connection.
+    async fn ends_closed<IO>(serving: tokio::task::JoinHandle<Outcome<IO>>, failure: &str) {
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect(failure)
+            .unwrap();
+        assert!(matches!(outcome, Outcome::Closed));
+    }
+
     fn ok() -> Response<crate::proxy::Body> {
         Response::new(crate::proxy::Body::new(Full::new(Bytes::from_static(
             b"ok",
@@ -956,11 +965,7 @@ mod tests {
         client.write_all(GET).await.unwrap();
         let second = answer_of(&mut client).await;
         assert!(second.contains("connection: close\r\n"), "{second}");
-        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
-            .await
-            .expect("the connection was not closed")
-            .unwrap();
-        assert!(matches!(outcome, Outcome::Closed));
+        ends_closed(serving, "the connection was not closed").await;
 
         // Idle, no request in hand: the drain alone ends it.
         let (mut client, server) = tokio::io::duplex(4096);
@@ -974,11 +979,7 @@ mod tests {
         client.write_all(GET).await.unwrap();
         answer_of(&mut client).await;
         stop.send(true).unwrap();
-        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
-            .await
-            .expect("an idle connection outlived the drain")
-            .unwrap();
-        assert!(matches!(outcome, Outcome::Closed));
+        ends_closed(serving, "an idle connection outlived the drain").await;
     }
 
     #[tokio::test]
@@ -1002,11 +1003,7 @@ mod tests {
             .unwrap();
         let last = answer_of(&mut client).await;
         assert!(last.contains("connection: close\r\n"), "{last}");
-        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), serving)
-            .await
-            .expect("the connection was not closed")
-            .unwrap();
-        assert!(matches!(outcome, Outcome::Closed));
+        ends_closed(serving, "the connection was not closed").await;
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
